@@ -35,7 +35,7 @@ setup(
         # The range Megatron-Core 0.16.1 accepts. Never install on a machine without CUDA:
         # there `import transformer_engine` raises RuntimeError and breaks Megatron-Core's imports.
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
-        "dali": ["nvidia-dali-cuda120>=2.0"],
+        "dali": ["nvidia-dali-cuda120>=2.4"],  # CPU-only pipelines run without a GPU,
         "hf": HF,
         "test": ["pytest>=8", "pytest-timeout>=2.3", *HF],
     },
