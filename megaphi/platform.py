@@ -24,6 +24,9 @@ false so Megatron keeps choosing its non-CUDA code paths (no fused kernels, no C
    ``fork()`` (dropout in tensor-parallel regions) work, with the same per-TP-rank seeding.
 5. ``torch.cuda.memory_allocated`` and friends report 0 instead of raising, so memory metrics
    can be logged the same way on both devices.
+6. ``Tensor.type()`` (the no-argument form, which returns a type name) reports the CUDA name,
+   e.g. ``torch.cuda.FloatTensor`` for a CPU float tensor: Megatron's optimizers and gradient
+   clipping dispatch on exactly these names and refuse ``torch.FloatTensor``.
 
 Two further CPU requirements are met by construction elsewhere, not by patching:
 ``TransformerConfig`` gets ``use_cpu_initialization=True`` and the CUDA-only fusions turned off
@@ -33,6 +36,7 @@ sequence parallelism where ``torch.nn.RMSNorm`` is refused (:mod:`megaphi.model.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -67,6 +71,8 @@ _MEGATRON_NOISE = (
     r".*full scope is deprecated.*",
     r".*reduce_scatter_tensor. is deprecated.*",
     r".*_get_vc_env is private.*",
+    r".*will be removed in this file in .megatron-core. 0.14.*",
+    r".*torch.jit.script_method. is deprecated.*",
 )
 
 
@@ -76,6 +82,11 @@ def configure_logging(level: str = "INFO", rank: int = 0) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megaphi").setLevel(level if rank == 0 else "WARNING")
     logging.getLogger("megatron").setLevel("WARNING")
+    quiet_megatron_warnings()
+
+
+def quiet_megatron_warnings() -> None:
+    """Ignore the warnings listed in ``_MEGATRON_NOISE`` (install before importing Megatron)."""
     for pattern in _MEGATRON_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -158,7 +169,8 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Patch 2: CUDA device arguments and ``Tensor.cuda()`` resolve to the CPU."""
+    """Patches 2 and 6: CUDA device arguments and ``Tensor.cuda()`` resolve to the CPU, and
+    ``Tensor.type()`` reports CUDA type names."""
 
     _cpu = torch.device("cpu")
 
@@ -166,6 +178,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # 6
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = {**kwargs, "device": self._cpu}
@@ -317,6 +332,20 @@ def init_runtime(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10,
         logger.info("runtime: %s/%s, world %d = tp %d x pp %d x cp %d x dp %d (launcher: %s)",
                     device.type, backend, env.world_size, rt.tp, rt.pp, rt.cp, rt.dp, env.launcher)
     return rt
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A private one-process gloo group for code that needs torch.distributed outside a job
+    (counting parameters, building dataset caches from a tool). A no-op inside a job."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def shutdown_runtime() -> None:

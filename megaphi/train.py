@@ -4,7 +4,8 @@
     megaphi-train --config examples/my_run.yaml parallel.tp=2 optimizer.lr=3e-5 --dry-run
 
 ``--dry-run`` prints the resolved config and the parameter counts of the model it defines
-(built on the meta device, so nothing is allocated) and exits.
+(built on the meta device, so nothing is allocated) and exits. Without it, train: launch with
+``torchrun --nproc-per-node N -m megaphi.train ...`` (or srun) for several processes.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def dry_run_report(cfg: MegaphiConfig) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megaphi.platform import configure_logging
+    from megaphi.platform import configure_logging, read_launch_env
 
-    configure_logging("INFO")
+    configure_logging("INFO", rank=read_launch_env().rank)
     try:
         cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
     except ConfigError as exc:
@@ -72,9 +73,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         print(dry_run_report(cfg))
         return 0
-    print("megaphi-train: error: this version of megaphi has no training loop yet; "
-          "use --dry-run to inspect a config", file=sys.stderr)
-    return 2
+    from megaphi.data.mixture import MixtureError
+    from megaphi.training.trainer import NonFiniteError, run_training
+
+    try:
+        run_training(cfg)
+    except (ConfigError, MixtureError, NonFiniteError) as exc:
+        print(f"megaphi-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py helpers
 
+from megaphi.platform import quiet_megatron_warnings  # noqa: E402
+
+quiet_megatron_warnings()  # before any test module imports Megatron-Core
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -52,6 +52,9 @@ BAD = [
      "bf16"),
     ("tiny", ["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size",
      "multiple"),
+    ("tiny", ["train.iters=20", "schedule.warmup_iters=20"], "schedule.warmup_iters", "warm-up"),
+    ("tiny", ["train.iters=20", "schedule.style=wsd", "schedule.warmup_iters=10",
+              "schedule.decay_iters=15"], "schedule.decay_iters", "exceed"),
 ]
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv and install megaphi into it.
-#   bash tools/setup_env.sh            # CPU or GPU machine: torch, megatron-core, megaphi[test,hf]
-#   MEGAPHI_EXTRAS=test,hf,gpu bash tools/setup_env.sh   # add Transformer Engine (CUDA machines only)
+#   bash tools/setup_env.sh            # CPU or GPU machine: torch, megatron-core, megaphi[test,hf,dali]
+#   MEGAPHI_EXTRAS=test,hf,dali,gpu bash tools/setup_env.sh   # add Transformer Engine (CUDA machines only)
 # Re-running is cheap: it reinstalls only when setup.py changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${MEGAPHI_VENV:-.venv}
-EXTRAS=${MEGAPHI_EXTRAS:-test,hf}
+EXTRAS=${MEGAPHI_EXTRAS:-test,hf,dali}
 TORCH=${MEGAPHI_TORCH:-torch==2.13.0}
 
 if [[ ",$EXTRAS," == *",gpu,"* ]] && ! command -v nvidia-smi >/dev/null; then

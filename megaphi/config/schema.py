@@ -340,6 +340,20 @@ class MegaphiConfig:
 
     def __post_init__(self):
         self._check_layout()
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        s, iters = self.schedule, self.train.iters
+        decay = s.decay_iters or iters
+        if s.style == "wsd":
+            _require(s.warmup_iters + decay <= iters, "schedule.decay_iters",
+                     f"warm-up ({s.warmup_iters}) plus the final decay ({decay}) exceed "
+                     f"train.iters={iters}", "shorten schedule.warmup_iters or schedule.decay_iters")
+        else:
+            _require(s.warmup_iters < decay, "schedule.warmup_iters",
+                     f"warm-up of {s.warmup_iters} steps leaves nothing of the {decay}-step decay "
+                     "(schedule.decay_iters, default train.iters)",
+                     "make schedule.warmup_iters smaller than the decay length")
 
     def _check_layout(self) -> None:
         m, p = self.model, self.parallel

@@ -188,7 +188,7 @@ def count_parameters(cfg: MegaphiConfig) -> "ParamCounts":
     from megatron.core import parallel_state
 
     from megaphi.model.arithmetic import ParamCounts
-    from megaphi.platform import install_cpu_compat
+    from megaphi.platform import install_cpu_compat, single_process_group
 
     if dist.is_initialized():
         raise RuntimeError("count_parameters() needs a process without torch.distributed")
@@ -196,16 +196,15 @@ def count_parameters(cfg: MegaphiConfig) -> "ParamCounts":
         install_cpu_compat()
     whole = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tp=1, pp=1, vpp=None, cp=1, sequence_parallel=False))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with single_process_group():
         parallel_state.initialize_model_parallel()
-        (model,) = build_model(whole, use_te=False, device=torch.device("meta"))
-        total = non_embedding = 0
-        for name, param in model.named_parameters():
-            total += param.numel()
-            if not name.startswith(("embedding.", "output_layer.")):
-                non_embedding += param.numel()
-        return ParamCounts(total=total, non_embedding=non_embedding)
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+        try:
+            (model,) = build_model(whole, use_te=False, device=torch.device("meta"))
+        finally:
+            parallel_state.destroy_model_parallel()
+    total = non_embedding = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if not name.startswith(("embedding.", "output_layer.")):
+            non_embedding += param.numel()
+    return ParamCounts(total=total, non_embedding=non_embedding)

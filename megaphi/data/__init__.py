@@ -1,0 +1,1 @@
+"""Data: the Phi-4 tokenizer, indexed-dataset preprocessing, mixtures and loaders."""

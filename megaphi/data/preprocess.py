@@ -1,0 +1,634 @@
+"""Preprocess JSON-lines corpora into Megatron-Core indexed datasets.
+
+One JSON object per line (plain or gzip) becomes one document: the text under ``json_key`` is
+tokenised as ordinary text (special-token strings in it are plain text) and the tokenizer's
+``eod_id`` is appended. The result is ``PREFIX.bin`` + ``PREFIX.idx``, written with Megatron-Core's
+``IndexedDatasetBuilder`` so ``IndexedDataset(PREFIX)`` reads it, and ``PREFIX.meta.json``, which
+records the tokenizer's fingerprint so training can refuse data made with another vocabulary.
+
+Tokenisation runs in worker processes over chunks of lines; the main process writes the chunks
+in input order, so the output is byte-identical whatever the number of workers. Outputs are
+written under ``.tmp`` names and renamed only on success, ``.meta.json`` last: a dataset whose
+``.meta.json`` exists is complete, and a failed or interrupted run leaves earlier outputs alone.
+
+:func:`preprocess` and :func:`merge` are the entry points (``tools/preprocess_data.py`` is the
+command line); :func:`read_meta` is what training uses to check a dataset's tokenizer.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import concurrent.futures
+import contextlib
+import gzip
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+META_FORMAT = "megaphi-indexed-v1"
+DEFAULT_CHUNK_BYTES = 1 << 20
+"""Bytes of input per chunk a worker tokenises: large enough that pickling and process hops
+cost next to nothing, small enough to keep workers evenly busy on a few MB of input."""
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_HEADER = b"MMIDIDX\x00\x00"  # Megatron-Core's .idx magic, followed by version and dtype code
+_MAX_REPORTED_BAD_LINES = 10
+# array.array typecodes of the dtypes DType.optimal_dtype picks (C short and int: 2 and 4 bytes)
+_ARRAY_TYPECODES = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+                    float: "a number", bool: "a boolean", type(None): "null"}
+
+PathLike = Union[str, os.PathLike]
+
+
+class PreprocessError(ValueError):
+    """Bad input to preprocessing (a file, a line, a dataset). The message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    """What a :func:`preprocess` or :func:`merge` run wrote."""
+
+    prefix: str
+    """Output prefix: the dataset is ``prefix.bin``, ``prefix.idx`` and ``prefix.meta.json``."""
+    documents: int
+    """Documents written (one per non-blank, non-skipped input line)."""
+    tokens: int
+    """Tokens written, the ``eod_id`` ending each document included."""
+    skipped_lines: int
+    """Bad input lines skipped (only with ``skip_bad_lines``)."""
+    bytes_written: int
+    """Size of ``.bin`` plus ``.idx``."""
+    seconds: float
+    """Wall time of the run (after the checks and imports that precede any work)."""
+
+    def summary(self) -> str:
+        """One line for a person: documents, tokens, bytes, seconds and rates."""
+        secs = max(self.seconds, 1e-9)
+        line = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
+                f"{_human_bytes(self.bytes_written)} written to {self.prefix}.{{bin,idx}} in "
+                f"{self.seconds:.2f} s ({_human_rate(self.documents / secs)} docs/s, "
+                f"{_human_rate(self.tokens / secs)} tok/s)")
+        if self.skipped_lines:
+            line += f"; {self.skipped_lines:,} bad line{'s' * (self.skipped_lines > 1)} skipped"
+        return line
+
+
+def dataset_paths(prefix: PathLike) -> Dict[str, str]:
+    """The files of the dataset at ``prefix``: keys ``bin``, ``idx`` and ``meta``."""
+    prefix = os.fspath(prefix)
+    return {"bin": prefix + ".bin", "idx": prefix + ".idx", "meta": prefix + ".meta.json"}
+
+
+def read_meta(prefix: PathLike) -> dict:
+    """Read and check ``PREFIX.meta.json``, the record of a complete dataset.
+
+    Raises:
+        PreprocessError: the file is missing (an unfinished run, or not a megaphi dataset),
+            is not JSON, or lacks the fields training relies on.
+    """
+    path = dataset_paths(prefix)["meta"]
+    redo = "rerun tools/preprocess_data.py to (re)create the dataset"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise PreprocessError(f"{path} does not exist, so {os.fspath(prefix)} is not a complete "
+                              f"megaphi dataset (wrong prefix, or an unfinished run); check the "
+                              f"prefix or {redo}") from None
+    except (OSError, ValueError) as e:
+        raise PreprocessError(f"{path} is not readable JSON ({e}); {redo}") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PreprocessError(f"{path} has format {found!r}, expected {META_FORMAT!r}; {redo}")
+    tok = meta.get("tokenizer")
+    missing = [k for k in ("documents", "tokens", "inputs") if k not in meta]
+    if not isinstance(tok, dict) or "fingerprint" not in tok:
+        missing.append("tokenizer.fingerprint")
+    if missing:
+        raise PreprocessError(f"{path} lacks {', '.join(missing)}; {redo}")
+    return meta
+
+
+def default_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def preprocess(
+    inputs: Sequence[PathLike],
+    output_prefix: PathLike,
+    tokenizer: Any,
+    *,
+    json_key: str = "text",
+    workers: Optional[int] = None,
+    skip_bad_lines: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool = False,
+) -> PreprocessResult:
+    """Tokenise JSON-lines files into the indexed dataset ``output_prefix`` (.bin/.idx/.meta.json).
+
+    Args:
+        inputs: JSON-lines files, plain or gzip (by ``.gz`` suffix or magic bytes), in order.
+        output_prefix: where to write; its directory is created if missing.
+        tokenizer: has ``tokenize(text) -> list[int]``, ``eod_id``, ``vocab_size`` and
+            ``describe()`` (see :mod:`megaphi.data.tokenizer`); picklable when workers > 1.
+        json_key: key of each line's text.
+        workers: tokenising processes; ``None`` means one per CPU, 1 tokenises in this process.
+        skip_bad_lines: skip (and count) lines that are not JSON objects with a string under
+            ``json_key`` instead of stopping at the first one.
+        chunk_bytes: input bytes per unit of work (the output does not depend on it).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        PreprocessError: a missing input, a bad line (with file and line number), a bad argument.
+            No output file is left behind.
+    """
+    inputs = [os.fspath(p) for p in inputs]
+    workers = default_workers() if workers is None else workers
+    _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, chunk_bytes)
+    dtype = _token_dtype(tokenizer.vocab_size)  # imports Megatron-Core: outside the timing
+    start = time.perf_counter()
+    job = _ChunkJob(tokenizer, json_key, skip_bad_lines, dtype)
+    total_bytes = sum(os.path.getsize(p) for p in inputs)
+    described = tokenizer.describe()
+    logger.info("tokenising %d file(s), %s, with %d worker(s) into %s (tokenizer %s, "
+                "fingerprint %s)", len(inputs), _human_bytes(total_bytes), workers,
+                os.fspath(output_prefix), described.get("name"), described.get("fingerprint"))
+
+    bar = _LazyBar(total_bytes, progress, Path(output_prefix).name)
+    with _AtomicDataset(output_prefix) as out, bar, contextlib.closing(
+            _ordered_results(job, _chunks(inputs, chunk_bytes), workers)) as results:
+        builder = out.builder(dtype)
+        docs = tokens = skipped = 0
+        for task, result in results:
+            path = inputs[task.file_index]
+            _report_bad_lines(path, result, skip_bad_lines, json_key, already=skipped)
+            _check_token_range(path, result, tokenizer.vocab_size)
+            skipped += result.skipped
+            offsets = np.cumsum(result.lengths)
+            begin = 0
+            for end, length in zip(offsets.tolist(), result.lengths.tolist()):
+                builder.add_document(result.tokens[begin:end], [length])
+                begin = end
+            docs += len(result.lengths)
+            tokens += len(result.tokens)
+            bar.update(task.progress_bytes, docs, tokens, start)
+        if docs == 0:
+            logger.warning("no documents in %s: the dataset at %s is empty",
+                           ", ".join(inputs), os.fspath(output_prefix))
+        meta = {"format": META_FORMAT, "tokenizer": described, "documents": docs,
+                "tokens": tokens, "skipped_lines": skipped, "inputs": inputs,
+                "json_key": json_key, "dtype": np.dtype(dtype).name}
+        written = out.commit(meta)
+    return PreprocessResult(os.fspath(output_prefix), docs, tokens, skipped, written,
+                            time.perf_counter() - start)
+
+
+def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
+          progress: bool = False) -> PreprocessResult:
+    """Concatenate datasets into ``output_prefix``, in order (``IndexedDatasetBuilder.add_index``).
+
+    The result is what preprocessing the inputs of all of them in one run would give. Its meta
+    sums documents, tokens and skipped lines and lists every input file.
+
+    Raises:
+        PreprocessError: a prefix is not a complete dataset, or the datasets were tokenised with
+            different tokenizers (fingerprints differ). No output file is left behind.
+    """
+    prefixes = [os.fspath(p) for p in prefixes]
+    if not prefixes:
+        raise PreprocessError("nothing to merge; pass at least one dataset prefix to --merge")
+    _check_output_prefix(output_prefix)
+    metas = [read_meta(p) for p in prefixes]
+    dtype = _check_mergeable(prefixes, metas)
+    start = time.perf_counter()
+
+    with _AtomicDataset(output_prefix) as out, _progress_bar(
+            len(prefixes), progress, Path(output_prefix).name, unit="dataset") as bar:
+        builder = out.builder(dtype)
+        for prefix in prefixes:
+            builder.add_index(prefix)
+            bar.update(1)
+        keys = {m.get("json_key") for m in metas}
+        meta = {"format": META_FORMAT, "tokenizer": metas[0]["tokenizer"],
+                "documents": sum(m["documents"] for m in metas),
+                "tokens": sum(m["tokens"] for m in metas),
+                "skipped_lines": sum(m.get("skipped_lines", 0) for m in metas),
+                "inputs": [p for m in metas for p in m["inputs"]],
+                "json_key": keys.pop() if len(keys) == 1 else sorted(map(str, keys)),
+                "dtype": np.dtype(dtype).name, "merged_from": prefixes}
+        written = out.commit(meta)
+    return PreprocessResult(os.fspath(output_prefix), meta["documents"], meta["tokens"],
+                            meta["skipped_lines"], written, time.perf_counter() - start)
+
+
+def open_jsonl(path: PathLike):
+    """A binary file object over ``path``'s lines, decompressed if it is gzip (suffix or magic)."""
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+
+
+def _is_gzip(path: PathLike) -> bool:
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return path.endswith(".gz") or f.read(2) == _GZIP_MAGIC
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, chunk_bytes):
+    if not inputs:
+        raise PreprocessError("no input files; pass JSON-lines files with --input")
+    for path in inputs:
+        if not os.path.exists(path):
+            raise PreprocessError(f"input file {path} does not exist; check the path")
+        if not os.path.isfile(path):
+            raise PreprocessError(f"input {path} is not a file; pass JSON-lines files")
+        if not os.access(path, os.R_OK):
+            raise PreprocessError(f"input file {path} is not readable; check its permissions")
+    if not isinstance(json_key, str) or not json_key:
+        raise PreprocessError(f"json key {json_key!r} must be a non-empty string; fix --json-key")
+    if not isinstance(workers, int) or workers < 1:
+        raise PreprocessError(f"workers must be a positive integer, got {workers!r}; fix --workers")
+    if chunk_bytes < 1:
+        raise PreprocessError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    for attr in ("tokenize", "eod_id", "vocab_size", "describe"):
+        if not hasattr(tokenizer, attr):
+            raise PreprocessError(f"tokenizer {tokenizer!r} has no {attr!r}; use one from "
+                                  "megaphi.data.tokenizer.load_tokenizer")
+    _check_output_prefix(output_prefix)
+
+
+def _check_output_prefix(prefix: PathLike) -> None:
+    prefix = os.fspath(prefix)
+    if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise PreprocessError(f"output prefix {prefix!r} is a directory; give a file prefix such "
+                              f"as {os.path.join(prefix or '.', 'corpus')!r} (writes corpus.bin, "
+                              "corpus.idx and corpus.meta.json)")
+
+
+def _check_mergeable(prefixes: List[str], metas: List[dict]) -> Any:
+    """The common token dtype of the datasets; refuses differing tokenizers or broken indexes."""
+    first_tok = metas[0]["tokenizer"]
+    for prefix, meta in zip(prefixes, metas):
+        tok = meta["tokenizer"]
+        if tok["fingerprint"] != first_tok["fingerprint"]:
+            raise PreprocessError(
+                f"cannot merge {prefix} (tokenizer {tok.get('name')}, fingerprint "
+                f"{tok['fingerprint']}) with {prefixes[0]} (tokenizer {first_tok.get('name')}, "
+                f"fingerprint {first_tok['fingerprint']}): they were tokenised with different "
+                "tokenizers; preprocess all inputs again with the same --tokenizer")
+    dtypes = set()
+    for prefix, meta in zip(prefixes, metas):
+        paths = dataset_paths(prefix)
+        if not os.path.isfile(paths["bin"]):
+            raise PreprocessError(f"{paths['bin']} does not exist though {paths['meta']} does; "
+                                  f"preprocess {prefix} again")
+        dtype, documents = _read_idx_header(paths["idx"])
+        if documents != meta["documents"]:
+            raise PreprocessError(f"{paths['idx']} holds {documents} documents but "
+                                  f"{paths['meta']} says {meta['documents']}; the files are from "
+                                  f"different runs: preprocess {prefix} again")
+        dtypes.add(dtype)
+    if len(dtypes) != 1:
+        raise PreprocessError(f"datasets {', '.join(prefixes)} store tokens as different dtypes "
+                              f"({', '.join(sorted(np.dtype(d).name for d in dtypes))}); "
+                              "preprocess them again with the same --tokenizer")
+    return dtypes.pop()
+
+
+def _read_idx_header(idx_path: str) -> Tuple[Any, int]:
+    """(token dtype, number of documents) from a Megatron-Core .idx header."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    try:
+        with open(idx_path, "rb") as f:
+            header = f.read(len(_IDX_HEADER) + 8 + 1 + 8 + 8)
+    except FileNotFoundError:
+        raise PreprocessError(f"{idx_path} does not exist; preprocess that dataset again") from None
+    if len(header) < len(_IDX_HEADER) + 25 or not header.startswith(_IDX_HEADER):
+        raise PreprocessError(f"{idx_path} is not a Megatron-Core index file; preprocess that "
+                              "dataset again")
+    offset = len(_IDX_HEADER) + 8
+    dtype = DType.dtype_from_code(header[offset])
+    _, document_count = struct.unpack("<QQ", header[offset + 1:offset + 17])
+    return dtype, document_count - 1  # document_indices starts with a leading 0
+
+
+def _token_dtype(vocab_size: int):
+    from megatron.core.datasets.indexed_dataset import DType
+
+    return DType.optimal_dtype(vocab_size)
+
+
+def _report_bad_lines(path: str, result: "_ChunkResult", skip_bad_lines: bool, key: str,
+                      already: int) -> None:
+    """Raise on a chunk's first bad line, or (skipping) log the run's first few of them."""
+    for number, (line_number, reason) in enumerate(result.bad_lines, start=already):
+        if not skip_bad_lines:
+            raise PreprocessError(
+                f"{path}:{line_number}: {reason}; each line must be a JSON object with a string "
+                f"under {key!r}: fix the line, choose the key with --json-key, or pass "
+                "--skip-bad-lines to skip such lines")
+        if number < _MAX_REPORTED_BAD_LINES:
+            logger.warning("skipping bad line %s:%d: %s", path, line_number, reason)
+        elif number == _MAX_REPORTED_BAD_LINES:
+            logger.warning("skipping more bad lines without reporting each")
+
+
+def _check_token_range(path: str, result: "_ChunkResult", vocab_size: int) -> None:
+    if result.out_of_range is not None:
+        raise PreprocessError(f"the tokenizer produced id {result.out_of_range} on {path}, outside "
+                              f"its vocabulary of {vocab_size}; fix the tokenizer's vocab_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and tokenising chunks
+
+
+@dataclass(frozen=True)
+class _Task:
+    file_index: int
+    first_line: int
+    data: bytes
+    progress_bytes: int  # input-file bytes (compressed, for gzip) this chunk accounts for
+
+
+def _chunks(inputs: List[str], chunk_bytes: int) -> Iterator[_Task]:
+    """Whole lines of every input in order, ``chunk_bytes`` at a time, with 1-based line numbers."""
+    for file_index, path in enumerate(inputs):
+        compressed = _is_gzip(path)
+        with open(path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+            line, carry, reported = 1, b"", 0
+            while True:
+                try:
+                    block = stream.read(chunk_bytes)
+                except (OSError, EOFError, zlib.error) as e:
+                    if not compressed:
+                        raise
+                    raise PreprocessError(f"{path} is not a valid gzip file ({e}); check the "
+                                          "file or decompress it") from None
+                if not block:
+                    break
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a chunk: keep reading
+                    carry += block
+                    continue
+                data, carry = carry + block[:cut], block[cut:]
+                position = raw.tell()
+                yield _Task(file_index, line, data, position - reported)
+                line += data.count(b"\n")
+                reported = position
+            size = os.fstat(raw.fileno()).st_size
+            if carry or size > reported:  # a last line without a newline, or only progress
+                yield _Task(file_index, line, carry, size - reported)
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    tokens: np.ndarray  # [tokens in chunk], the builder's dtype, documents back to back
+    lengths: np.ndarray  # [documents in chunk], int64, eod included
+    skipped: int
+    bad_lines: List[Tuple[int, str]]  # (1-based line number, reason), the first few
+    out_of_range: Optional[int]  # a token id outside the vocabulary, if any
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """Tokenises one chunk of lines; runs in a worker process (or here with one worker)."""
+
+    tokenizer: Any
+    json_key: str
+    skip_bad_lines: bool
+    dtype: Any
+
+    def __call__(self, task: _Task) -> _ChunkResult:
+        tokenize, eod, key = self.tokenizer.tokenize, self.tokenizer.eod_id, self.json_key
+        # ids go straight into a C array of the output dtype: no big list of Python ints, and
+        # the main process receives bytes to write, not objects to convert
+        flat = array.array(_ARRAY_TYPECODES[np.dtype(self.dtype)])
+        lengths: List[int] = []
+        bad: List[Tuple[int, str]] = []
+        skipped, out_of_range = 0, None
+        for offset, line in enumerate(task.data.split(b"\n")):
+            if not line or line.isspace():
+                continue
+            text = _text_of(line, key)
+            if not isinstance(text, str):
+                skipped += 1
+                if len(bad) < _MAX_REPORTED_BAD_LINES:
+                    bad.append((task.first_line + offset, text[0]))
+                if not self.skip_bad_lines:
+                    break
+                continue
+            ids = tokenize(text)
+            try:
+                flat.fromlist(ids if type(ids) is list else list(ids))
+                flat.append(eod)
+            except OverflowError:  # an id that does not fit the dtype: certainly out of range
+                limits = np.iinfo(self.dtype)
+                out_of_range = next(i for i in [*ids, eod] if not limits.min <= i <= limits.max)
+                break
+            lengths.append(len(ids) + 1)
+        tokens = np.frombuffer(flat, dtype=self.dtype)
+        if out_of_range is None and len(tokens):
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.tokenizer.vocab_size:
+                out_of_range = low if low < 0 else high
+        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
+                            out_of_range)
+
+
+def _text_of(line: bytes, key: str):
+    """The line's text, or a 1-tuple holding why the line is bad."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return (f"invalid JSON ({e.msg} at column {e.colno})",)
+    except UnicodeDecodeError as e:
+        return (f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",)
+    if not isinstance(obj, dict):
+        return (f"the line is {_JSON_TYPE_NAMES.get(type(obj), 'not an object')}, "
+                "not a JSON object",)
+    if key not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+        return (f"no key {key!r} (keys: {keys})",)
+    text = obj[key]
+    if not isinstance(text, str):
+        return (f"the value of {key!r} is {_JSON_TYPE_NAMES.get(type(text), 'not a string')}, "
+                "not a string",)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers
+
+
+_WORKER_JOB: Optional[_ChunkJob] = None
+
+
+def _init_worker(job: _ChunkJob) -> None:
+    global _WORKER_JOB
+    # Ctrl-C reaches the whole process group; the main process alone handles it and cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_JOB = job
+
+
+def _run_in_worker(task: _Task) -> _ChunkResult:
+    return _WORKER_JOB(task)
+
+
+def _mp_context():
+    # fork starts workers instantly with the tokenizer already loaded; elsewhere (macOS,
+    # Windows) fork is unsafe or missing and the tokenizer travels by pickle.
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def _ordered_results(job: _ChunkJob, tasks: Iterator[_Task],
+                     workers: int) -> Iterator[Tuple[_Task, _ChunkResult]]:
+    """``(task, job(task))`` in task order, computed by ``workers`` processes."""
+    if workers == 1:
+        for task in tasks:
+            yield task, job(task)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(job,))
+    window = collections.deque()  # bounded read-ahead: memory stays a few chunks per worker
+    try:
+        for task in tasks:
+            window.append((task, pool.submit(_run_in_worker, task)))
+            if len(window) >= 3 * workers:
+                task, future = window.popleft()
+                yield task, future.result()
+        while window:
+            task, future = window.popleft()
+            yield task, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+class _AtomicDataset:
+    """Temp files next to the final ones; renamed on :meth:`commit`, removed on any failure."""
+
+    def __init__(self, prefix: PathLike):
+        self.final = dataset_paths(prefix)
+        self.temp = {kind: path + ".tmp" for kind, path in self.final.items()}
+        self._builder = None
+
+    def __enter__(self) -> "_AtomicDataset":
+        directory = os.path.dirname(self.final["bin"])
+        if directory:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise PreprocessError(f"cannot create output directory {directory} ({e}); "
+                                      "choose another --output-prefix") from None
+        return self
+
+    def builder(self, dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self._builder = IndexedDatasetBuilder(self.temp["bin"], dtype=dtype)
+        return self._builder
+
+    def commit(self, meta: dict) -> int:
+        """Finish the index, write the meta and rename all three; returns .bin + .idx bytes."""
+        self._builder.finalize(self.temp["idx"])
+        with open(self.temp["meta"], "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        written = os.path.getsize(self.temp["bin"]) + os.path.getsize(self.temp["idx"])
+        # The meta marks a complete dataset: drop the old one first, add the new one last, so no
+        # moment shows a meta next to a .bin/.idx pair it does not describe.
+        if os.path.exists(self.final["meta"]):
+            os.remove(self.final["meta"])
+        for kind in ("bin", "idx", "meta"):
+            os.replace(self.temp[kind], self.final[kind])
+        return written
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return
+        if self._builder is not None:
+            self._builder.data_file.close()
+        for path in self.temp.values():
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+def _progress_bar(total: int, enabled: bool, desc: str, unit: str = "B"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, unit_scale=unit == "B",
+                unit_divisor=1024, file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+
+class _LazyBar:
+    """A byte progress bar with docs/s and tok/s, made at the first update: by then the workers
+    are forked, and tqdm's monitor thread must not exist when a process forks."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self._args = (total, enabled, desc)
+        self._bar = None
+
+    def update(self, n_bytes: int, docs: int, tokens: int, start: float) -> None:
+        if self._bar is None:
+            self._bar = _progress_bar(*self._args)
+        self._bar.update(n_bytes)
+        if not self._bar.disable:
+            secs = max(time.perf_counter() - start, 1e-9)
+            self._bar.set_postfix_str(
+                f"{_human_rate(docs / secs)} docs/s, {_human_rate(tokens / secs)} tok/s",
+                refresh=False)
+
+    def __enter__(self) -> "_LazyBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _human_rate(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,247 @@
+"""The training loop shared by every phase.
+
+:func:`run_training` sets up the runtime, data, model, optimizer and schedule from a config and
+trains; :class:`Trainer` holds the loop. One step runs Megatron's pipeline schedule over the
+global batch (gradient accumulation over micro-batches), checks that the loss and gradients
+are finite on every rank (a non-finite step is skipped and logged; too many in a row stop the
+run), then steps the optimizer and the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megaphi.config.schema import MegaphiConfig
+from megaphi.platform import Runtime
+
+logger = logging.getLogger("megaphi.train")
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in checkpoints so a resumed run continues exactly."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: Optional[float]
+    skipped: bool
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
+            if k in ("tokens", "labels", "loss_mask", "position_ids")}
+
+
+class Trainer:
+    """Runs training steps for one rank's model chunks."""
+
+    def __init__(self, cfg: MegaphiConfig, rt: Runtime, chunks: List[torch.nn.Module], optimizer,
+                 scheduler, writer, state: Optional[TrainState] = None):
+        self.cfg, self.rt, self.chunks = cfg, rt, chunks
+        self.optimizer, self.scheduler, self.writer = optimizer, scheduler, writer
+        self.state = state or TrainState()
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * rt.dp)
+
+    def step(self, micro_batches: List[dict]) -> StepResult:
+        """One optimizer step over the global batch (this rank's share of it)."""
+        from megaphi.training.step import forward_backward
+
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = forward_backward(self.chunks, micro_batches, self.num_microbatches,
+                                  seq_length=self.cfg.model.seq_length,
+                                  micro_batch_size=self.cfg.train.micro_batch_size)
+        loss, finite = self._reduce_loss_and_check(losses)
+        if not finite:
+            return StepResult(loss=loss, grad_norm=None, skipped=True)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.train.global_batch_size)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=False)
+
+    def _reduce_loss_and_check(self, losses: List[dict]):
+        """The step's loss (mean over micro-batches and data-parallel replicas, known on every
+        rank) and whether loss and gradients are finite everywhere."""
+        from megatron.core import parallel_state as ps
+
+        stats = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        if losses:  # last pipeline stage
+            stats[0] = torch.stack([x["lm loss"] for x in losses]).double().mean()
+            dist.all_reduce(stats[:1], group=ps.get_data_parallel_group())
+            stats[0] /= self.rt.dp
+        bad = ~torch.isfinite(stats[0])
+        for chunk in self.chunks:
+            for buffer in chunk.buffers:
+                bad |= ~torch.isfinite(buffer.grad_data).all()
+        stats[1] = bad.double()
+        stats[0] = torch.nan_to_num(stats[0], nan=0.0, posinf=0.0, neginf=0.0)
+        # Max over ranks: the last stage's loss (>= 0; 0 elsewhere) and any rank's flag.
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        finite = stats[1].item() == 0
+        return (stats[0].item() if finite else float("nan")), finite
+
+    def train(self, batches: Iterator[dict], iters: int) -> TrainState:
+        """Train until ``iters`` steps are done; returns the final state."""
+        cfg, st = self.cfg, self.state
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        window_start, window_steps = time.perf_counter(), 0
+        while st.iteration < iters:
+            micro = [_to_device(next(batches), self.rt.device) for _ in range(self.num_microbatches)]
+            result = self.step(micro)
+            st.iteration += 1
+            st.consumed_samples += cfg.train.global_batch_size
+            window_steps += 1
+            self._track_skips(result)
+            if st.iteration % cfg.train.log_interval == 0 or st.iteration == iters:
+                if self.rt.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                self.writer.log(st.iteration, self._metrics(result, elapsed / window_steps,
+                                                            tokens_per_step))
+                window_start, window_steps = time.perf_counter(), 0
+        return st
+
+    def _track_skips(self, result: StepResult) -> None:
+        st = self.state
+        if not result.skipped:
+            st.skipped_in_a_row = 0
+            return
+        st.skipped_in_a_row += 1
+        st.skipped_total += 1
+        logger.warning("step %d skipped: non-finite loss or gradient (%d in a row)",
+                       st.iteration, st.skipped_in_a_row)
+        if st.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteError(
+                f"{st.skipped_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {st.iteration}); lower optimizer.lr, check the data, or resume "
+                "from an earlier checkpoint")
+
+    def _metrics(self, result: StepResult, step_time: float, tokens_per_step: int) -> dict:
+        from megaphi.model.arithmetic import flops_per_token, mfu
+
+        tokens_per_s_gpu = tokens_per_step / step_time / self.rt.world_size
+        device_name = torch.cuda.get_device_name() if self.rt.device.type == "cuda" else "cpu"
+        precision = "fp8" if self.cfg.precision.fp8.recipe else self.cfg.precision.dtype
+        return {
+            "loss": result.loss,
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
+            "skipped": int(result.skipped),
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time,
+            "tokens_per_s_per_gpu": tokens_per_s_gpu,
+            "tflops_per_gpu": tokens_per_s_gpu * flops_per_token(self.cfg.model) / 1e12,
+            "mfu": mfu(tokens_per_s_gpu, self.cfg.model, device_name, precision),
+            "memory_gb": _memory_gb(self.rt.device),
+            "consumed_samples": self.state.consumed_samples,
+        }
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def load_run_mixture(cfg: MegaphiConfig):
+    """The run's data mixture, validated (files exist) before any process group is set up."""
+    from megaphi.config.schema import ConfigError
+    from megaphi.data.mixture import load_mixture
+
+    if cfg.data.mixture is None:
+        raise ConfigError("data.mixture", "no training data given",
+                          "set data.mixture to a mixture YAML file (see examples/)")
+    return load_mixture(cfg.data.mixture)
+
+
+def data_iterator(cfg: MegaphiConfig, rt: Runtime, mixture, consumed_samples: int):
+    """Endless iterator of this rank's micro-batches from the run's mixture."""
+    from megatron.core import parallel_state as ps
+
+    from megaphi.data.datasets import build_gpt_datasets
+    from megaphi.data.loader import build_loader
+    from megaphi.data.tokenizer import load_tokenizer
+
+    cache = cfg.data.cache_dir or str(Path(cfg.train.run_dir) / "data_cache")
+    train, _, _ = build_gpt_datasets(
+        mixture, load_tokenizer(cfg.data.tokenizer), seq_length=cfg.model.seq_length,
+        seed=cfg.train.seed, samples=[cfg.train.iters * cfg.train.global_batch_size, 0, 0],
+        cache_dir=cache, model_vocab_size=cfg.model.vocab_size)
+    loader = build_loader(train, consumed_samples, cfg.train.micro_batch_size,
+                          ps.get_data_parallel_rank(), rt.dp, num_workers=cfg.data.num_workers)
+    return iter(loader)
+
+
+def check_batch_layout(cfg: MegaphiConfig, dp: int) -> None:
+    """The global batch must split into whole micro-batches on every data-parallel rank."""
+    from megaphi.config.schema import ConfigError
+
+    per_step = cfg.train.micro_batch_size * dp
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError("train.global_batch_size",
+                          f"{cfg.train.global_batch_size} is not a multiple of micro_batch_size x "
+                          f"data-parallel size = {cfg.train.micro_batch_size} x {dp}",
+                          f"use a multiple of {per_step}")
+
+
+def run_training(cfg: MegaphiConfig) -> TrainState:
+    """Set up the runtime, data, model, optimizer and schedule from ``cfg`` and train."""
+    from megaphi.config.loader import to_yaml
+    from megaphi.model.arithmetic import parameter_counts
+    from megaphi.model.builder import build_model
+    from megaphi.model.init import initialize_weights
+    from megaphi.platform import init_runtime, shutdown_runtime
+    from megaphi.training.metrics import MetricsWriter
+    from megaphi.training.optim import build_optimizer, build_scheduler
+    from megaphi.training.step import wrap_for_training
+
+    mixture = load_run_mixture(cfg)
+    rt = init_runtime(cfg.parallel, seed=cfg.train.seed)
+    writer = None
+    try:
+        check_batch_layout(cfg, rt.dp)
+        run_dir = Path(cfg.train.run_dir)
+        if rt.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        batches = data_iterator(cfg, rt, mixture, consumed_samples=0)  # before the model
+        chunks = build_model(cfg)
+        initialize_weights(chunks, cfg.model, seed=cfg.train.seed)
+        counts = parameter_counts(cfg.model)
+        logger.info("model: %s parameters (%s non-embedding), layout tp=%d pp=%d dp=%d",
+                    f"{counts.total:,}", f"{counts.non_embedding:,}", rt.tp, rt.pp, rt.dp)
+        chunks = wrap_for_training(chunks, distributed_optimizer=cfg.optimizer.distributed)
+        optimizer = build_optimizer(cfg, chunks)
+        scheduler = build_scheduler(cfg, optimizer)
+        writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main)
+        trainer = Trainer(cfg, rt, chunks, optimizer, scheduler, writer)
+        state = trainer.train(batches, cfg.train.iters)
+        logger.info("finished %d steps (%d skipped); run directory: %s", state.iteration,
+                    state.skipped_total, run_dir)
+        return state
+    finally:
+        if writer is not None:
+            writer.close()
+        shutdown_runtime()

@@ -1,0 +1,113 @@
+"""Tokenise JSON-lines corpora into Megatron-Core indexed datasets, or merge such datasets.
+
+A thin command line over :mod:`megaphi.data.preprocess`; run with ``--help`` for the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import warnings
+
+PROG = "preprocess_data"
+
+DESCRIPTION = """\
+Tokenise JSON-lines files (plain or gzip) into a Megatron-Core indexed dataset:
+PREFIX.bin and PREFIX.idx (read them with megatron.core.datasets.indexed_dataset.IndexedDataset)
+plus PREFIX.meta.json, which records the tokenizer's fingerprint, the document and token counts
+and the inputs. Each non-blank line is one JSON object and becomes one document: the string under
+--json-key, tokenised as plain text (special-token strings are not interpreted), followed by the
+tokenizer's end-of-document token.
+
+Workers tokenise chunks of lines in parallel; the output does not depend on their number. Files
+are written under .tmp names and renamed on success, PREFIX.meta.json last, so a failed or
+interrupted run leaves no complete-looking dataset and does not touch an earlier one."""
+
+EPILOG = """\
+examples:
+  %(prog)s --input data/web.jsonl.gz data/books.jsonl --output-prefix out/pretrain
+  %(prog)s --input chat.jsonl --json-key content --skip-bad-lines --output-prefix out/chat
+  %(prog)s --merge out/part0 out/part1 --output-prefix out/all
+
+exit status: 0 on success, 2 on bad arguments or input (one 'error:' line), 1 on a
+system error (disk full, permissions), 130 if interrupted."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="FILE",
+                        help="JSON-lines files to tokenise, in order (.gz or gzip content is "
+                             "decompressed)")
+    source.add_argument("--merge", nargs="+", metavar="PREFIX",
+                        help="instead of tokenising, concatenate these datasets in order; their "
+                             "tokenizer fingerprints must match")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+                        help="write PREFIX.bin, PREFIX.idx and PREFIX.meta.json (the directory "
+                             "is created if missing)")
+    tokenise = parser.add_argument_group("tokenising (with --input)")
+    tokenise.add_argument("--json-key", default=None, metavar="KEY",
+                          help="key of the text in each JSON object (default: text)")
+    tokenise.add_argument("--tokenizer", default=None, metavar="phi4|HF_DIR",
+                          help="'phi4' (offline cl100k_base with Phi-4's special tokens) or a "
+                               "Hugging Face tokenizer directory (default: phi4)")
+    tokenise.add_argument("--workers", type=int, default=None, metavar="N",
+                          help="tokenising processes (default: one per CPU)")
+    tokenise.add_argument("--skip-bad-lines", action="store_true",
+                          help="skip and count lines that are not a JSON object with a string "
+                               "under --json-key, instead of stopping at the first one")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    # a kill (SIGTERM) cleans up like Ctrl-C: temporary files removed, earlier outputs kept
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # Megatron-Core's import warns about missing GPU extras that preprocessing never uses.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+
+    from megaphi.data.preprocess import PreprocessError, merge, preprocess
+    from megaphi.data.tokenizer import load_tokenizer
+
+    try:
+        if args.merge:
+            given = [flag for flag, value in (("--json-key", args.json_key),
+                                              ("--tokenizer", args.tokenizer),
+                                              ("--workers", args.workers),
+                                              ("--skip-bad-lines", args.skip_bad_lines)) if value]
+            if given:
+                fail(f"{', '.join(given)} only apply with --input; --merge keeps each dataset's "
+                     "tokens as they are")
+            result = merge(args.merge, args.output_prefix, progress=not args.no_progress)
+        else:
+            try:
+                tokenizer = load_tokenizer(args.tokenizer or "phi4")
+            except ValueError as e:  # the message names data.tokenizer; the flag is --tokenizer
+                fail(str(e).replace("data.tokenizer=", "--tokenizer "))
+            result = preprocess(args.input, args.output_prefix, tokenizer,
+                                json_key=args.json_key or "text", workers=args.workers,
+                                skip_bad_lines=args.skip_bad_lines,
+                                progress=not args.no_progress)
+    except PreprocessError as e:
+        fail(str(e))
+    except OSError as e:  # the disk, not the input: no traceback, but not status 2 either
+        fail(f"{e}; nothing written to {args.output_prefix}", code=1)
+    except KeyboardInterrupt:
+        fail(f"interrupted; temporary files removed, {args.output_prefix} left as it was",
+             code=130)
+    print(f"{PROG}: {result.summary()}")
+
+
+if __name__ == "__main__":
+    main()
