@@ -197,6 +197,9 @@ class TrainConfig:
     """Compute validation loss every this many steps (0: never)."""
     eval_iters: int = 10
     """Micro-batches per validation."""
+    exit_interval: Optional[int] = None
+    """Save a checkpoint and exit when the step count is a multiple of this (for jobs shorter
+    than the run); resuming continues the same schedule."""
 
     _section: ClassVar[str] = "train"
 

@@ -10,6 +10,8 @@ run), then steps the optimizer and the schedule.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,27 @@ class TrainState:
     skipped_total: int = 0
 
 
+class PreemptionSignal:
+    """Records SIGTERM / SIGUSR1 (SLURM pre-emption and time limits) so the loop can save a
+    checkpoint at the end of the current step and exit cleanly."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -56,10 +79,12 @@ class Trainer:
     """Runs training steps for one rank's model chunks."""
 
     def __init__(self, cfg: MegaphiConfig, rt: Runtime, chunks: List[torch.nn.Module], optimizer,
-                 scheduler, writer, state: Optional[TrainState] = None):
+                 scheduler, writer, state: Optional[TrainState] = None, save=None):
         self.cfg, self.rt, self.chunks = cfg, rt, chunks
         self.optimizer, self.scheduler, self.writer = optimizer, scheduler, writer
         self.state = state or TrainState()
+        self.save = save or (lambda: None)  # writes a checkpoint of the current state
+        self.preemption = PreemptionSignal()
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * rt.dp)
 
     def step(self, micro_batches: List[dict]) -> StepResult:
@@ -119,7 +144,27 @@ class Trainer:
                 self.writer.log(st.iteration, self._metrics(result, elapsed / window_steps,
                                                             tokens_per_step))
                 window_start, window_steps = time.perf_counter(), 0
+            if self._should_stop(iters):
+                break
         return st
+
+    def _should_stop(self, iters: int) -> bool:
+        """Save when a checkpoint is due; stop after saving at an exit interval or on a
+        pre-emption signal (received by any rank)."""
+        it, train, ckpt = self.state.iteration, self.cfg.train, self.cfg.checkpoint
+        signalled = torch.tensor([float(self.preemption.received or 0)], device=self.rt.device)
+        dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
+        preempted = bool(signalled.item()) and it < iters
+        exiting = preempted or (bool(train.exit_interval) and it % train.exit_interval == 0
+                                and it < iters)
+        if it == iters or exiting or (ckpt.interval and it % ckpt.interval == 0):
+            self.save()
+        if preempted:
+            logger.warning("received signal %d: saved a checkpoint at step %d and exiting; "
+                           "relaunch to resume", int(signalled.item()), it)
+        elif exiting:
+            logger.info("exit interval reached at step %d; resume by relaunching", it)
+        return exiting
 
     def _track_skips(self, result: StepResult) -> None:
         st = self.state
@@ -214,6 +259,12 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
     from megaphi.model.init import initialize_weights
     from megaphi.platform import init_runtime, shutdown_runtime
     from megaphi.training.metrics import MetricsWriter
+    from megaphi.training.checkpoint import (
+        checkpoints_root,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
     from megaphi.training.optim import build_optimizer, build_scheduler
     from megaphi.training.step import wrap_for_training
 
@@ -226,7 +277,6 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        batches = data_iterator(cfg, rt, mixture, consumed_samples=0)  # before the model
         chunks = build_model(cfg)
         initialize_weights(chunks, cfg.model, seed=cfg.train.seed)
         counts = parameter_counts(cfg.model)
@@ -235,9 +285,27 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
         chunks = wrap_for_training(chunks, distributed_optimizer=cfg.optimizer.distributed)
         optimizer = build_optimizer(cfg, chunks)
         scheduler = build_scheduler(cfg, optimizer)
-        writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main)
-        trainer = Trainer(cfg, rt, chunks, optimizer, scheduler, writer)
-        state = trainer.train(batches, cfg.train.iters)
+        layout = {"tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp, "dp": rt.dp}
+        state = TrainState()
+        resume = latest_checkpoint(checkpoints_root(str(run_dir)))
+        if resume is not None:
+            saved = load_checkpoint(resume, chunks, optimizer, scheduler, layout)
+            state = TrainState(**saved)
+            logger.info("resumed from %s at step %d (%d samples consumed)", resume,
+                        state.iteration, state.consumed_samples)
+        batches = data_iterator(cfg, rt, mixture, consumed_samples=state.consumed_samples)
+        writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main,
+                               fresh=resume is None)
+
+        def save():
+            save_checkpoint(str(run_dir), chunks, optimizer, scheduler, trainer.state,
+                            cfg.to_dict(), layout, cfg.checkpoint.keep_last)
+
+        trainer = Trainer(cfg, rt, chunks, optimizer, scheduler, writer, state, save=save)
+        try:
+            state = trainer.train(batches, cfg.train.iters)
+        finally:
+            trainer.preemption.restore()
         logger.info("finished %d steps (%d skipped); run directory: %s", state.iteration,
                     state.skipped_total, run_dir)
         return state
