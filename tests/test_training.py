@@ -64,7 +64,7 @@ def test_missing_mixture_is_one_clear_error(tmp_path):
 
 SHORT = ["train.iters=8", "train.log_interval=1", "model.seq_length=64", "train.micro_batch_size=2",
          "train.global_batch_size=4", "schedule.warmup_iters=2", "data.num_workers=0",
-         "logging.tensorboard=false"]
+         "logging.tensorboard=false", "checkpoint.keep_last=1"]
 
 
 def losses(run_dir):
