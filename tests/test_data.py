@@ -238,3 +238,39 @@ def test_dali_loader_yields_the_torch_loaders_batches(phi4_mix):
         for a, b in zip(torch_batches, dali_batches):
             for key in ("tokens", "labels", "loss_mask", "position_ids"):
                 assert b[key].dtype == a[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_hugging_face_tokenizer_directory(tmp_path):
+    """A local HF tokenizer directory tokenises documents, and its datasets record it, so a run
+    with the Phi-4 tokenizer refuses them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megaphi.data.datasets import check_datasets_tokenizer
+    from megaphi.data.preprocess import preprocess as run, read_meta
+    from megaphi.data.tokenizer import load_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path / "hf")
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    assert tok.eod_id == 0 and tok.vocab_size < 400
+    texts = ["the lazy fox", "a quick <|endoftext|> dog"]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run([str(src)], str(tmp_path / "d"), tok, workers=1)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == tok.tokenize(text) + [tok.eod_id]
+    assert tok.eod_id not in tok.tokenize(texts[1])  # special strings in documents are text
+    assert read_meta(str(tmp_path / "d"))["tokenizer"]["fingerprint"] == tok.fingerprint
+    with pytest.raises(ValueError, match="tokenised with hf:hf"):
+        check_datasets_tokenizer([str(tmp_path / "d")], TOK, 100352)
+    with pytest.raises(ValueError, match="neither 'phi4' nor"):
+        load_tokenizer(str(tmp_path / "missing"))
