@@ -154,3 +154,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sample_mixture, tmp_path):
     relaunch = train(1, *args[:-1], f"train.iters={step + 1}")
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"at step {step} " in relaunch.stderr and len(losses(run_dir)) == step + 1
+
+
+def test_injected_nonfinite_gradient_skips_the_step(tmp_path):
+    """At TP=2, a NaN gradient skips the step on every rank and leaves the weights exactly as
+    they were; training then continues; too many bad steps in a row stop the run."""
+    from distributed import run_worker
+
+    got = run_worker("nonfinite_worker.py", 2, tmp_path / "out.pt", ["parallel.tp=2"])
+    steps = got["steps"]
+    assert [s["skipped"] for s in steps[:3]] == [False, True, False]
+    assert steps[1]["after"] == steps[1]["before"]  # weights untouched by the skipped step
+    assert steps[0]["after"] != steps[0]["before"] and steps[2]["after"] != steps[2]["before"]
+    assert all(s["loss"] == s["loss"] for s in (steps[0], steps[2]))  # finite losses
+    assert got["stopped"] is not None and "10 consecutive steps" in got["stopped"]
