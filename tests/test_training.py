@@ -25,7 +25,8 @@ def sample_mixture(tmp_path_factory):
         preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), Phi4Tokenizer(), workers=1)
     path = tmp / "mix.yaml"
     path.write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
-                    "  code: {weight: 0.6, prefixes: [code]}\n")
+                    "  code: {weight: 0.6, prefixes: [code]}\n"
+                    "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
     return path
 
 
@@ -41,9 +42,13 @@ def test_loss_falls_within_tens_of_steps(sample_mixture, tmp_path):
     proc = train(1, f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
                  "train.iters=40", "train.log_interval=5", "model.seq_length=64",
                  "train.micro_batch_size=2", "train.global_batch_size=4",
-                 "schedule.warmup_iters=5", "optimizer.lr=2e-3", "data.num_workers=0")
+                 "schedule.warmup_iters=5", "optimizer.lr=2e-3", "data.num_workers=0",
+                 "train.eval_interval=20", "train.eval_iters=4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    records = [r for r in records if "loss" in r]
+    assert len(val) == 2 and val[1] < val[0] < 12.0  # validation every 20 steps, improving
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     losses = [r["loss"] for r in records]
     assert losses[0] > 9.0  # near ln(100352) = 11.5 after 5 steps

@@ -79,12 +79,14 @@ class Trainer:
     """Runs training steps for one rank's model chunks."""
 
     def __init__(self, cfg: MegaphiConfig, rt: Runtime, chunks: List[torch.nn.Module], optimizer,
-                 scheduler, writer, state: Optional[TrainState] = None, save=None):
+                 scheduler, writer, state: Optional[TrainState] = None, save=None,
+                 valid_batches=None):
         self.cfg, self.rt, self.chunks = cfg, rt, chunks
         self.optimizer, self.scheduler, self.writer = optimizer, scheduler, writer
         self.state = state or TrainState()
         self.save = save or (lambda: None)  # writes a checkpoint of the current state
         self.preemption = PreemptionSignal()
+        self.valid_batches = valid_batches  # () -> a fresh iterator over the validation data
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * rt.dp)
 
     def step(self, micro_batches: List[dict]) -> StepResult:
@@ -104,7 +106,7 @@ class Trainer:
         self.scheduler.step(increment=self.cfg.train.global_batch_size)
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=False)
 
-    def _reduce_loss_and_check(self, losses: List[dict]):
+    def _reduce_loss_and_check(self, losses: List[dict], check_grads: bool = True):
         """The step's loss (mean over micro-batches and data-parallel replicas, known on every
         rank) and whether loss and gradients are finite everywhere."""
         from megatron.core import parallel_state as ps
@@ -115,15 +117,27 @@ class Trainer:
             dist.all_reduce(stats[:1], group=ps.get_data_parallel_group())
             stats[0] /= self.rt.dp
         bad = ~torch.isfinite(stats[0])
-        for chunk in self.chunks:
-            for buffer in chunk.buffers:
-                bad |= ~torch.isfinite(buffer.grad_data).all()
+        if check_grads:
+            for chunk in self.chunks:
+                for buffer in chunk.buffers:
+                    bad |= ~torch.isfinite(buffer.grad_data).all()
         stats[1] = bad.double()
         stats[0] = torch.nan_to_num(stats[0], nan=0.0, posinf=0.0, neginf=0.0)
         # Max over ranks: the last stage's loss (>= 0; 0 elsewhere) and any rank's flag.
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         finite = stats[1].item() == 0
         return (stats[0].item() if finite else float("nan")), finite
+
+    def evaluate(self, batches: Iterator[dict]) -> float:
+        """Mean loss over ``train.eval_iters`` micro-batches, forward only."""
+        from megaphi.training.step import forward_backward
+
+        micro = [_to_device(next(batches), self.rt.device) for _ in range(self.cfg.train.eval_iters)]
+        losses = forward_backward(self.chunks, micro, len(micro),
+                                  seq_length=self.cfg.model.seq_length,
+                                  micro_batch_size=self.cfg.train.micro_batch_size,
+                                  forward_only=True)
+        return self._reduce_loss_and_check(losses, check_grads=False)[0]
 
     def train(self, batches: Iterator[dict], iters: int) -> TrainState:
         """Train until ``iters`` steps are done; returns the final state."""
@@ -144,6 +158,10 @@ class Trainer:
                 self.writer.log(st.iteration, self._metrics(result, elapsed / window_steps,
                                                             tokens_per_step))
                 window_start, window_steps = time.perf_counter(), 0
+            interval = cfg.train.eval_interval
+            if interval and self.valid_batches and st.iteration % interval == 0:
+                self.writer.log(st.iteration, {"val_loss": self.evaluate(self.valid_batches())},
+                                prefix="valid")
             if self._should_stop(iters):
                 break
         return st
@@ -218,25 +236,38 @@ def load_run_mixture(cfg: MegaphiConfig):
     if cfg.data.mixture is None:
         raise ConfigError("data.mixture", "no training data given",
                           "set data.mixture to a mixture YAML file (see examples/)")
-    return load_mixture(cfg.data.mixture)
+    mixture = load_mixture(cfg.data.mixture)
+    if cfg.train.eval_interval and not mixture.sources("valid"):
+        raise ConfigError("train.eval_interval",
+                          f"validation every {cfg.train.eval_interval} steps needs a 'valid:' "
+                          f"blend in the mixture {cfg.data.mixture}",
+                          "add a valid: section to the mixture or set train.eval_interval=0")
+    return mixture
 
 
-def data_iterator(cfg: MegaphiConfig, rt: Runtime, mixture, consumed_samples: int):
-    """Endless iterator of this rank's micro-batches from the run's mixture."""
+def data_iterators(cfg: MegaphiConfig, rt: Runtime, mixture, consumed_samples: int):
+    """This rank's endless training micro-batches from the run's mixture, and (when validation
+    is on) a function returning a fresh iterator over the validation micro-batches."""
     from megatron.core import parallel_state as ps
 
     from megaphi.data.datasets import build_gpt_datasets
     from megaphi.data.loader import build_loader
     from megaphi.data.tokenizer import load_tokenizer
 
-    cache = cfg.data.cache_dir or str(Path(cfg.train.run_dir) / "data_cache")
-    train, _, _ = build_gpt_datasets(
+    t = cfg.train
+    valid_samples = t.eval_iters * t.micro_batch_size * rt.dp if t.eval_interval else 0
+    cache = cfg.data.cache_dir or str(Path(t.run_dir) / "data_cache")
+    train, valid, _ = build_gpt_datasets(
         mixture, load_tokenizer(cfg.data.tokenizer), seq_length=cfg.model.seq_length,
-        seed=cfg.train.seed, samples=[cfg.train.iters * cfg.train.global_batch_size, 0, 0],
+        seed=t.seed, samples=[t.iters * t.global_batch_size, valid_samples, 0],
         cache_dir=cache, model_vocab_size=cfg.model.vocab_size)
-    loader = build_loader(train, consumed_samples, cfg.train.micro_batch_size,
-                          ps.get_data_parallel_rank(), rt.dp, num_workers=cfg.data.num_workers)
-    return iter(loader)
+    dp_rank = ps.get_data_parallel_rank()
+    loader = build_loader(train, consumed_samples, t.micro_batch_size, dp_rank, rt.dp,
+                          num_workers=cfg.data.num_workers)
+    if valid is None:
+        return iter(loader), None
+    return iter(loader), lambda: iter(build_loader(valid, 0, t.micro_batch_size, dp_rank, rt.dp,
+                                                   num_workers=0))
 
 
 def check_batch_layout(cfg: MegaphiConfig, dp: int) -> None:
@@ -293,7 +324,7 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
             state = TrainState(**saved)
             logger.info("resumed from %s at step %d (%d samples consumed)", resume,
                         state.iteration, state.consumed_samples)
-        batches = data_iterator(cfg, rt, mixture, consumed_samples=state.consumed_samples)
+        batches, valid_batches = data_iterators(cfg, rt, mixture, state.consumed_samples)
         writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main,
                                fresh=resume is None)
 
@@ -301,13 +332,15 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
             save_checkpoint(str(run_dir), chunks, optimizer, scheduler, trainer.state,
                             cfg.to_dict(), layout, cfg.checkpoint.keep_last)
 
-        trainer = Trainer(cfg, rt, chunks, optimizer, scheduler, writer, state, save=save)
+        trainer = Trainer(cfg, rt, chunks, optimizer, scheduler, writer, state, save=save,
+                          valid_batches=valid_batches)
         try:
             state = trainer.train(batches, cfg.train.iters)
         finally:
             trainer.preemption.restore()
-        logger.info("finished %d steps (%d skipped); run directory: %s", state.iteration,
-                    state.skipped_total, run_dir)
+        logger.info("%s at step %d of %d (%d skipped); run directory: %s",
+                    "finished" if state.iteration >= cfg.train.iters else "stopped",
+                    state.iteration, cfg.train.iters, state.skipped_total, run_dir)
         return state
     finally:
         if writer is not None:
