@@ -1,13 +1,13 @@
 """The trainer end to end on the shipped sample corpus (CPU, gloo)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from distributed import run_worker, test_env, torchrun
 from megaphi.platform import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +31,9 @@ def sample_mixture(tmp_path_factory):
 
 
 def train(nproc, *overrides, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "megaphi.train", "--preset", "tiny", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=test_env(),
+                          cwd=ROOT)
 
 
 def test_loss_falls_within_tens_of_steps(sample_mixture, tmp_path):
@@ -139,8 +138,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sample_mixture, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}", *SHORT,
             "train.iters=1000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "MASTER_PORT": str(free_port())}
+    env = test_env(MASTER_PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, "-m", "megaphi.train", "--preset", "tiny", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -164,8 +162,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sample_mixture, tmp_path):
 def test_injected_nonfinite_gradient_skips_the_step(tmp_path):
     """At TP=2, a NaN gradient skips the step on every rank and leaves the weights exactly as
     they were; training then continues; too many bad steps in a row stop the run."""
-    from distributed import run_worker
-
     got = run_worker("nonfinite_worker.py", 2, tmp_path / "out.pt", ["parallel.tp=2"])
     steps = got["steps"]
     assert [s["skipped"] for s in steps[:3]] == [False, True, False]

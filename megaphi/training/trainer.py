@@ -68,6 +68,7 @@ class StepResult:
     loss: float
     grad_norm: Optional[float]
     skipped: bool
+    signal: int = 0  # a pre-emption signal received by any rank before the step's reduction
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -99,19 +100,20 @@ class Trainer:
         losses = forward_backward(self.chunks, micro_batches, self.num_microbatches,
                                   seq_length=self.cfg.model.seq_length,
                                   micro_batch_size=self.cfg.train.micro_batch_size)
-        loss, finite = self._reduce_loss_and_check(losses)
+        loss, finite, signal = self._reduce_loss_and_check(losses)
         if not finite:
-            return StepResult(loss=loss, grad_norm=None, skipped=True)
+            return StepResult(loss=loss, grad_norm=None, skipped=True, signal=signal)
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=self.cfg.train.global_batch_size)
-        return StepResult(loss=loss, grad_norm=grad_norm, skipped=False)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=False, signal=signal)
 
     def _reduce_loss_and_check(self, losses: List[dict], check_grads: bool = True):
         """The step's loss (mean over micro-batches and data-parallel replicas, known on every
-        rank) and whether loss and gradients are finite everywhere."""
+        rank), whether loss and gradients are finite everywhere, and any pre-emption signal a
+        rank has received (shared in the same collective, so pre-emption costs no extra sync)."""
         from megatron.core import parallel_state as ps
 
-        stats = torch.zeros(2, dtype=torch.float64, device=self.rt.device)
+        stats = torch.zeros(3, dtype=torch.float64, device=self.rt.device)
         if losses:  # last pipeline stage
             stats[0] = torch.stack([x["lm loss"] for x in losses]).double().mean()
             dist.all_reduce(stats[:1], group=ps.get_data_parallel_group())
@@ -122,11 +124,12 @@ class Trainer:
                 for buffer in chunk.buffers:
                     bad |= ~torch.isfinite(buffer.grad_data).all()
         stats[1] = bad.double()
+        stats[2] = float(self.preemption.received or 0)
         stats[0] = torch.nan_to_num(stats[0], nan=0.0, posinf=0.0, neginf=0.0)
-        # Max over ranks: the last stage's loss (>= 0; 0 elsewhere) and any rank's flag.
+        # Max over ranks: the last stage's loss (>= 0; 0 elsewhere) and any rank's flags.
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-        finite = stats[1].item() == 0
-        return (stats[0].item() if finite else float("nan")), finite
+        loss, bad, signal = stats.tolist()
+        return (float("nan") if bad else loss), not bad, int(signal)
 
     def evaluate(self, batches: Iterator[dict]) -> float:
         """Mean loss over ``train.eval_iters`` micro-batches, forward only."""
@@ -162,24 +165,22 @@ class Trainer:
             if interval and self.valid_batches and st.iteration % interval == 0:
                 self.writer.log(st.iteration, {"val_loss": self.evaluate(self.valid_batches())},
                                 prefix="valid")
-            if self._should_stop(iters):
+            if self._should_stop(iters, result.signal):
                 break
         return st
 
-    def _should_stop(self, iters: int) -> bool:
+    def _should_stop(self, iters: int, signal: int) -> bool:
         """Save when a checkpoint is due; stop after saving at an exit interval or on a
-        pre-emption signal (received by any rank)."""
+        pre-emption signal (received by any rank, as reduced with the step's loss)."""
         it, train, ckpt = self.state.iteration, self.cfg.train, self.cfg.checkpoint
-        signalled = torch.tensor([float(self.preemption.received or 0)], device=self.rt.device)
-        dist.all_reduce(signalled, op=dist.ReduceOp.MAX)
-        preempted = bool(signalled.item()) and it < iters
+        preempted = bool(signal) and it < iters
         exiting = preempted or (bool(train.exit_interval) and it % train.exit_interval == 0
                                 and it < iters)
         if it == iters or exiting or (ckpt.interval and it % ckpt.interval == 0):
             self.save()
         if preempted:
             logger.warning("received signal %d: saved a checkpoint at step %d and exiting; "
-                           "relaunch to resume", int(signalled.item()), it)
+                           "relaunch to resume", signal, it)
         elif exiting:
             logger.info("exit interval reached at step %d; resume by relaunching", it)
         return exiting
