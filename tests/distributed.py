@@ -12,7 +12,7 @@ from megaphi.platform import free_port
 WORKERS = Path(__file__).parent / "workers"
 
 
-def test_env(**extra) -> dict:
+def worker_env(**extra) -> dict:
     """The environment of launched processes: one thread per process on a small CI machine."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
 
@@ -26,7 +26,7 @@ def torchrun(nproc: int, *target) -> list:
 def run_worker(script: str, nproc: int, out: Path, args=(), timeout: int = 600) -> dict:
     """Launch ``tests/workers/<script>`` on ``nproc`` processes; return the saved result."""
     cmd = torchrun(nproc, WORKERS / script, out, *args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=test_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env())
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed import run_worker, test_env, torchrun
+from distributed import run_worker, worker_env, torchrun
 from megaphi.platform import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def sample_mixture(tmp_path_factory):
 
 def train(nproc, *overrides, timeout=600):
     cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *overrides)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=test_env(),
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(),
                           cwd=ROOT)
 
 
@@ -138,7 +138,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(sample_mixture, tmp_path):
     run_dir = tmp_path / "run"
     args = [f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}", *SHORT,
             "train.iters=1000"]
-    env = test_env(MASTER_PORT=str(free_port()))
+    env = worker_env(MASTER_PORT=str(free_port()))
     proc = subprocess.Popen([sys.executable, "-m", "megaphi.train", "--preset", "tiny", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
