@@ -1,6 +1,7 @@
 """The trainer end to end on the shipped sample corpus (CPU, gloo)."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,25 +115,43 @@ def test_checkpoint_reshards_to_tp1(sample_mixture, straight, tmp_path, saved_at
         assert abs(got - want) <= 1e-5 * want
 
 
-def test_partial_save_leaves_latest_on_the_previous_checkpoint(sample_mixture, straight, tmp_path):
-    """A save that died midway (an iter_* directory without its completion marker, `latest`
-    not yet moved) is ignored on resume and overwritten by the next save."""
+def test_kill_during_save_leaves_latest_on_the_previous_checkpoint(sample_mixture, tmp_path):
+    """TP=2 on 2 processes, checkpoints every 4 steps; rank 1 is SIGKILLed inside the save of
+    step 8, after its shards are on disk. `latest` still names step 4, the half-saved directory
+    is ignored, and the relaunched run resumes at step 4, overwrites it, and logs the same
+    losses as the attempt that was killed (bitwise: same layout, exact resume)."""
     run_dir = tmp_path / "run"
-    args = [f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}", *SHORT]
-    assert train(1, *args, "train.exit_interval=4").returncode == 0
-    partial = run_dir / "checkpoints" / "iter_0000008"
-    partial.mkdir()
-    (partial / "garbage.distcp").write_bytes(b"half-written")
-    resumed = train(1, *args)
+    args = ["--preset", "tiny", f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
+            *SHORT, "parallel.tp=2", "checkpoint.interval=4", "checkpoint.keep_last=2",
+            "train.iters=12"]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        killed = subprocess.run(
+            torchrun(2, ROOT / "tests" / "workers" / "kill_during_save_worker.py", "iter_0000008",
+                     *args), stdout=out, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT,
+            timeout=600)
+    assert killed.returncode != 0, "the worker was meant to be killed:\n" + log.read_text()[-3000:]
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / "iter_0000008"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000004"
+    assert any(partial.iterdir()) and not (partial / "megaphi.json").exists()
+    before_kill = losses(run_dir)
+    assert len(before_kill) == 8  # the killed attempt trained and logged steps 1-8
+
+    resumed = subprocess.run(torchrun(2, "-m", "megaphi.train", *args), capture_output=True,
+                             text=True, timeout=600, env=worker_env(), cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert losses(run_dir) == straight
-    assert (partial / "megaphi.json").is_file() and not (partial / "garbage.distcp").exists()
+    assert "resumed from" in resumed.stderr and "at step 4 " in resumed.stderr
+    after = losses(run_dir)
+    assert len(after) == 12  # steps 5-8 of the killed attempt replaced, not duplicated
+    assert after[:8] == before_kill
+    assert (partial / "megaphi.json").is_file()
+    assert (ckpts / "latest").read_text().strip() == "iter_0000012"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(sample_mixture, tmp_path):
     """SLURM pre-emption: SIGTERM mid-run saves at the end of the current step, exits 0, and
     the relaunched run resumes from that step."""
-    import signal
     import time
 
     run_dir = tmp_path / "run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -12,22 +13,31 @@ logger = logging.getLogger("megaphi.train")
 
 
 class MetricsWriter:
-    """Writes one JSON object per logged step to ``<run_dir>/metrics.jsonl`` (a fresh run
-    starts the file anew; a resumed run appends) and the same scalars to TensorBoard under
-    ``<run_dir>/tensorboard``."""
+    """Writes one JSON object per logged step to ``<run_dir>/metrics.jsonl`` and the same
+    scalars to TensorBoard under ``<run_dir>/tensorboard``.
 
-    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool, fresh: bool = True):
+    A fresh run (``resume_step=None``) starts the file anew. A run resumed from a checkpoint
+    at step N first drops what an earlier attempt logged after step N (steps it trained past
+    its last checkpoint before it crashed or was killed), in the file and in TensorBoard, so
+    both read as one run and every step appears once."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, enabled: bool,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(run_dir) / "metrics.jsonl", "w" if fresh else "a", buffering=1)
+        path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None:
+            _truncate_after(path, resume_step)
+        self._jsonl = open(path, "w" if resume_step is None else "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: Dict[str, Optional[float]], prefix: str = "train") -> None:
         if not self.enabled:
@@ -46,6 +56,27 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (rewritten by temp file + rename)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    if len(kept) == len(lines):
+        return
+    logger.info("metrics.jsonl: dropped %d records logged after step %d by the interrupted "
+                "attempt", len(lines) - len(kept), step)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _fmt(key: str, value) -> str:

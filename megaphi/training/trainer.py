@@ -327,7 +327,7 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
                         state.iteration, state.consumed_samples)
         batches, valid_batches = data_iterators(cfg, rt, mixture, state.consumed_samples)
         writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main,
-                               fresh=resume is None)
+                               resume_step=None if resume is None else state.iteration)
 
         def save():
             save_checkpoint(str(run_dir), chunks, optimizer, scheduler, trainer.state,
