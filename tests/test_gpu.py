@@ -27,3 +27,16 @@ def test_fp8_forward_is_close_to_bf16(tmp_path, recipe):
                      [f"precision.fp8.recipe={recipe}", *base])
     assert torch.isfinite(torch.tensor(fp8["loss"]))
     assert abs(fp8["loss"] - bf16["loss"]) < 5e-2 * bf16["loss"]
+
+
+@pytest.mark.gpu(count=2)
+def test_context_parallel_matches_cp1_at_a_long_sequence(tmp_path):
+    """cp=2 (TE attention, load-balanced sequence split, loss over whole sequences) gives the
+    loss and gradients of cp=1 on the same weights and batch, at 8,192 tokens."""
+    args = ["precision.dtype=bf16", "model.seq_length=8192", "--spec", "te"]
+    cp1 = run_worker("layout_worker.py", 1, tmp_path / "cp1.pt", args)
+    cp2 = run_worker("layout_worker.py", 2, tmp_path / "cp2.pt", ["parallel.cp=2", *args])
+    assert abs(cp2["loss"] - cp1["loss"]) < 1e-2 * cp1["loss"]
+    for name, grad in cp1["grads"].items():
+        rel = ((cp2["grads"][name] - grad).norm() / grad.norm()).item()
+        assert rel < 5e-2, f"{name}: cp=2 gradient differs by {rel:.2e}"

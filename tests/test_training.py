@@ -12,23 +12,6 @@ from distributed import run_worker, worker_env, torchrun
 from megaphi.platform import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "examples" / "data" / "sample"
-
-
-@pytest.fixture(scope="module")
-def sample_mixture(tmp_path_factory):
-    """Two real sources of the sample corpus, preprocessed with the real pipeline."""
-    from megaphi.data.preprocess import preprocess
-    from megaphi.data.tokenizer import Phi4Tokenizer
-
-    tmp = tmp_path_factory.mktemp("data")
-    for source in ("web", "code"):
-        preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), Phi4Tokenizer(), workers=1)
-    path = tmp / "mix.yaml"
-    path.write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
-                    "  code: {weight: 0.6, prefixes: [code]}\n"
-                    "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
-    return path
 
 
 def train(nproc, *overrides, timeout=600):

@@ -39,11 +39,12 @@ def main(argv=None) -> int:
     except (MixtureError, ValueError) as exc:
         print(f"data_mix_report: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{'source':<16}{'weight':>8}{'unique tokens':>16}{'allocated':>14}{'epochs':>14}")
+    w = max([16, *(len(r.name) + 2 for r in rows)])
+    print(f"{'source':<{w}}{'weight':>8}{'unique tokens':>16}{'allocated':>14}{'epochs':>14}")
     for r in rows:
-        print(f"{r.name:<16}{r.share:>8.1%}{human(r.unique_tokens):>16}"
+        print(f"{r.name:<{w}}{r.share:>8.1%}{human(r.unique_tokens):>16}"
               f"{human(r.allocated_tokens):>14}{r.epochs:>14,.2f}")
-    print(f"{'total':<16}{sum(r.share for r in rows):>8.1%}"
+    print(f"{'total':<{w}}{sum(r.share for r in rows):>8.1%}"
           f"{human(sum(r.unique_tokens for r in rows)):>16}{human(budget):>14}")
     for r in rows:
         if r.epochs > args.max_epochs:

@@ -57,7 +57,18 @@ class ModelConfig:
     seq_length: int = 4096
     """Training sequence length in tokens."""
     rotary_base: float = 10000.0
-    """RoPE base (theta). Phi-4: 10,000 in pre-training, 250,000 after mid-training."""
+    """RoPE base (theta). Phi-4: 10,000 in pre-training, 250,000 after mid-training. Always taken
+    from the run's config, never from a checkpoint it starts from."""
+    rope_scaling: Literal["none", "linear", "yarn"] = "none"
+    """How RoPE is stretched to a longer context on top of ``rotary_base``: ``none`` (the base
+    alone decides, as in Phi-4's mid-training, which raises it to 250,000), ``linear`` (position
+    interpolation: positions divided by ``rope_scaling_factor``) or ``yarn`` (YaRN: frequencies
+    interpolated per dimension by ``rope_scaling_factor`` from ``rope_original_seq_length``,
+    attention logits scaled by (0.1 ln factor + 1)^2)."""
+    rope_scaling_factor: float = 1.0
+    """Context extension factor of ``linear`` and ``yarn`` (e.g. 4.0 for 4K -> 16K)."""
+    rope_original_seq_length: Optional[int] = None
+    """``yarn`` only: the context the model was trained at before the extension (e.g. 4096)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -74,6 +85,7 @@ class ModelConfig:
         _require(self.num_attention_heads % self.num_kv_heads == 0, "model.num_kv_heads",
                  f"{self.num_kv_heads} KV heads do not divide {self.num_attention_heads} query heads",
                  "choose num_kv_heads that divides num_attention_heads")
+        self._check_rope_scaling()
         if self.head_dim is None:
             _require(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
                      f"{self.hidden_size} is not divisible by num_attention_heads="
@@ -81,6 +93,21 @@ class ModelConfig:
                      "make hidden_size a multiple of num_attention_heads or set model.head_dim")
         else:
             _positive("model", self, "head_dim")
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling == "none":
+            _require(self.rope_scaling_factor == 1.0, "model.rope_scaling_factor",
+                     f"{self.rope_scaling_factor} has no effect with model.rope_scaling=none",
+                     "set model.rope_scaling to linear or yarn, or leave the factor at 1.0")
+            return
+        _require(self.rope_scaling_factor > 1.0, "model.rope_scaling_factor",
+                 f"{self.rope_scaling} RoPE scaling needs a factor > 1, got "
+                 f"{self.rope_scaling_factor}", "set it to new context / old context, e.g. 4.0")
+        if self.rope_scaling == "yarn":
+            _require(self.rope_original_seq_length is not None
+                     and self.rope_original_seq_length > 0, "model.rope_original_seq_length",
+                     f"YaRN needs the pre-extension context length, got "
+                     f"{self.rope_original_seq_length}", "set it to e.g. 4096")
 
     @property
     def kv_channels(self) -> int:
@@ -294,8 +321,13 @@ class CheckpointConfig:
     keep_last: int = 3
     """Keep this many most recent checkpoints (0: keep all)."""
     load: Optional[str] = None
-    """Checkpoint to start from (a run's checkpoints dir or one iter_* dir); resuming from the
-    run's own ``latest`` is automatic."""
+    """Checkpoint to start a new run from (a run directory, its ``checkpoints`` directory or
+    one ``iter_*`` directory): its model weights (and, with ``load_optimizer``, its optimizer
+    state) initialise this run, whose schedule and step count start at 0. Used only when the
+    run has no checkpoint of its own: resuming from ``<run_dir>/checkpoints/latest`` is
+    automatic and takes precedence."""
+    load_optimizer: bool = False
+    """Also take the optimizer state (Adam moments) from ``checkpoint.load``."""
 
     _section: ClassVar[str] = "checkpoint"
 
@@ -344,6 +376,12 @@ class MegaphiConfig:
     def __post_init__(self):
         self._check_layout()
         self._check_schedule()
+        _require(self.phase.name != "midtrain" or self.checkpoint.load is not None,
+                 "checkpoint.load", "mid-training continues a pre-training checkpoint, but none "
+                 "is given", "set checkpoint.load to the pre-training run's checkpoints directory")
+        _require(self.checkpoint.load is not None or not self.checkpoint.load_optimizer,
+                 "checkpoint.load_optimizer", "there is no checkpoint.load to take it from",
+                 "set checkpoint.load or checkpoint.load_optimizer=false")
 
     def _check_schedule(self) -> None:
         s, iters = self.schedule, self.train.iters

@@ -14,6 +14,11 @@ A mixture file (YAML)::
     valid:                             # optional: separate validation / test blends
       web: {weight: 1.0, prefixes: [web/heldout]}
 
+A source may instead be a whole other mixture file, e.g. the pre-training mixture replayed as
+"recall" data during mid-training: ``recall: {weight: 0.7, mixture: pretrain_mixture.yaml}``. Its
+sources (from the same split) join this mixture as ``recall/<name>``, sharing the 0.7 in their
+own proportions.
+
 Source weights are normalised to sum to 1. Within a source, prefixes share the source's weight in
 proportion to their token counts (read from the ``.idx`` files) unless weights are given.
 :meth:`Mixture.blend` flattens a split into Megatron's ``(prefixes, weights)`` blend.
@@ -114,12 +119,17 @@ def within_source_weights(source: Source) -> List[float]:
     return [w / total for w in raw]
 
 
-def load_mixture(path: str, check_files: bool = True) -> Mixture:
+def load_mixture(path: str, check_files: bool = True, _including: Tuple[Path, ...] = ()) -> Mixture:
     """Parse and validate a mixture file; with ``check_files``, every dataset must exist."""
     file = Path(path)
     if not file.is_file():
-        raise MixtureError(f"mixture file '{path}' does not exist; set data.mixture to a YAML "
-                           "mixture file (see examples/)")
+        where = f"{_including[-1]}: " if _including else ""
+        raise MixtureError(f"{where}mixture file '{path}' does not exist; "
+                           + ("fix the mixture: path" if _including else
+                              "set data.mixture to a YAML mixture file (see examples/)"))
+    if file.resolve() in _including:
+        raise MixtureError(f"{_including[-1]}: includes {file}, which includes it back; remove "
+                           "the cycle")
     try:
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -130,36 +140,74 @@ def load_mixture(path: str, check_files: bool = True) -> Mixture:
     if unknown:
         raise MixtureError(f"{path}: unknown top-level key(s) {sorted(unknown)}; "
                            f"allowed: {list(SPLITS)}")
-    splits = {split: _parse_split(raw[split], split, file, check_files)
+    including = (*_including, file.resolve())
+    splits = {split: _parse_split(raw[split], split, file, check_files, including)
               for split in SPLITS if split in raw}
     return Mixture(path=str(file), splits=splits)
 
 
-def _parse_split(raw, split: str, file: Path, check_files: bool) -> Tuple[Source, ...]:
+def _parse_split(raw, split: str, file: Path, check_files: bool,
+                 including: Tuple[Path, ...]) -> Tuple[Source, ...]:
     where = f"{file}: {split}"
     if not isinstance(raw, dict) or not raw:
         raise MixtureError(f"{where}: must map source names to {{weight, prefixes}}")
-    sources = []
+    entries = []  # (name, weight, datasets of a source | sources of an included mixture)
     for name, entry in raw.items():
         at = f"{where}.{name}"
-        if not isinstance(entry, dict) or set(entry) - {"weight", "prefixes"}:
-            raise MixtureError(f"{at}: expected keys 'weight' and 'prefixes', got {entry!r}")
+        if not isinstance(entry, dict) or set(entry) - {"weight", "prefixes", "mixture"}:
+            raise MixtureError(f"{at}: expected keys 'weight' and either 'prefixes' or "
+                               f"'mixture', got {entry!r}")
+        if "prefixes" in entry and "mixture" in entry:
+            raise MixtureError(f"{at}: give either 'prefixes' or 'mixture' (another mixture "
+                               "file), not both")
         weight = entry.get("weight")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise MixtureError(f"{at}.weight: must be a positive number, got {weight!r}")
-        prefixes = entry.get("prefixes")
-        if isinstance(prefixes, str):
-            prefixes = [prefixes]
-        if not isinstance(prefixes, list) or not prefixes:
-            raise MixtureError(f"{at}.prefixes: must list one or more dataset prefixes")
-        refs = tuple(_parse_ref(p, f"{at}.prefixes[{i}]", file, check_files)
-                     for i, p in enumerate(prefixes))
-        explicit = [r.weight is not None for r in refs]
-        if any(explicit) and not all(explicit):
-            raise MixtureError(f"{at}.prefixes: give a weight to every prefix of the source or to "
-                               "none (then they are weighted by tokens)")
-        sources.append(Source(name=str(name), weight=float(weight), datasets=refs))
+        if "mixture" in entry:
+            entries.append((str(name), float(weight),
+                            _included_sources(entry["mixture"], split, at, file, check_files,
+                                              including)))
+        else:
+            entries.append((str(name), float(weight), _parse_refs(entry, at, file, check_files)))
+    total = sum(weight for _, weight, _ in entries)
+    sources = []
+    for name, weight, content in entries:
+        if content and isinstance(content[0], Source):
+            inner = sum(s.weight for s in content)
+            sources += [Source(f"{name}/{s.name}", weight / total * s.weight / inner, s.datasets)
+                        for s in content]
+        else:
+            sources.append(Source(name=name, weight=weight / total, datasets=content))
     return tuple(sources)
+
+
+def _parse_refs(entry: dict, at: str, file: Path, check_files: bool) -> Tuple[DatasetRef, ...]:
+    prefixes = entry.get("prefixes")
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    if not isinstance(prefixes, list) or not prefixes:
+        raise MixtureError(f"{at}.prefixes: must list one or more dataset prefixes (or give "
+                           "'mixture: FILE' to include another mixture)")
+    refs = tuple(_parse_ref(p, f"{at}.prefixes[{i}]", file, check_files)
+                 for i, p in enumerate(prefixes))
+    explicit = [r.weight is not None for r in refs]
+    if any(explicit) and not all(explicit):
+        raise MixtureError(f"{at}.prefixes: give a weight to every prefix of the source or to "
+                           "none (then they are weighted by tokens)")
+    return refs
+
+
+def _included_sources(raw, split: str, at: str, file: Path, check_files: bool,
+                      including: Tuple[Path, ...]) -> Tuple[Source, ...]:
+    """The ``split`` sources of the mixture file a source entry includes."""
+    if not isinstance(raw, str):
+        raise MixtureError(f"{at}.mixture: must be the path of a mixture file, got {raw!r}")
+    path = Path(raw) if Path(raw).is_absolute() else file.parent / raw
+    sources = load_mixture(str(path), check_files, including).sources(split)
+    if not sources:
+        raise MixtureError(f"{at}.mixture: {path} has no '{split}:' blend to include; add one "
+                           f"there or drop this source from {split}")
+    return sources
 
 
 def _parse_ref(raw, at: str, file: Path, check_files: bool) -> DatasetRef:

@@ -174,7 +174,7 @@ def preprocess(
                 os.fspath(output_prefix), described.get("name"), described.get("fingerprint"))
 
     bar = _LazyBar(total_bytes, progress, Path(output_prefix).name)
-    with _AtomicDataset(output_prefix) as out, bar, contextlib.closing(
+    with AtomicDataset(output_prefix) as out, bar, contextlib.closing(
             _ordered_results(job, _chunks(inputs, chunk_bytes), workers)) as results:
         builder = out.builder(dtype)
         docs = tokens = skipped = 0
@@ -216,12 +216,12 @@ def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
     prefixes = [os.fspath(p) for p in prefixes]
     if not prefixes:
         raise PreprocessError("nothing to merge; pass at least one dataset prefix to --merge")
-    _check_output_prefix(output_prefix)
+    check_output_prefix(output_prefix)
     metas = [read_meta(p) for p in prefixes]
     dtype = _check_mergeable(prefixes, metas)
     start = time.perf_counter()
 
-    with _AtomicDataset(output_prefix) as out, _progress_bar(
+    with AtomicDataset(output_prefix) as out, progress_bar(
             len(prefixes), progress, Path(output_prefix).name, unit="dataset") as bar:
         builder = out.builder(dtype)
         for prefix in prefixes:
@@ -275,10 +275,10 @@ def _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, 
         if not hasattr(tokenizer, attr):
             raise PreprocessError(f"tokenizer {tokenizer!r} has no {attr!r}; use one from "
                                   "megaphi.data.tokenizer.load_tokenizer")
-    _check_output_prefix(output_prefix)
+    check_output_prefix(output_prefix)
 
 
-def _check_output_prefix(prefix: PathLike) -> None:
+def check_output_prefix(prefix: PathLike) -> None:
     prefix = os.fspath(prefix)
     if not prefix or prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
         raise PreprocessError(f"output prefix {prefix!r} is a directory; give a file prefix such "
@@ -532,7 +532,7 @@ def _ordered_results(job: _ChunkJob, tasks: Iterator[_Task],
 # Output
 
 
-class _AtomicDataset:
+class AtomicDataset:
     """Temp files next to the final ones; renamed on :meth:`commit`, removed on any failure."""
 
     def __init__(self, prefix: PathLike):
@@ -540,7 +540,7 @@ class _AtomicDataset:
         self.temp = {kind: path + ".tmp" for kind, path in self.final.items()}
         self._builder = None
 
-    def __enter__(self) -> "_AtomicDataset":
+    def __enter__(self) -> "AtomicDataset":
         directory = os.path.dirname(self.final["bin"])
         if directory:
             try:
@@ -587,7 +587,7 @@ class _AtomicDataset:
 # Progress
 
 
-def _progress_bar(total: int, enabled: bool, desc: str, unit: str = "B"):
+def progress_bar(total: int, enabled: bool, desc: str, unit: str = "B"):
     from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, unit_scale=unit == "B",
@@ -604,7 +604,7 @@ class _LazyBar:
 
     def update(self, n_bytes: int, docs: int, tokens: int, start: float) -> None:
         if self._bar is None:
-            self._bar = _progress_bar(*self._args)
+            self._bar = progress_bar(*self._args)
         self._bar.update(n_bytes)
         if not self._bar.disable:
             secs = max(time.perf_counter() - start, 1e-9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from typing import List, Optional
 
@@ -56,7 +57,20 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
                           "FP8 needs Transformer Engine layers, which are not available here "
                           "(no CUDA GPU, or transformer-engine is not installed)",
                           "set precision.fp8.recipe=null, or install megaphi[gpu] on a GPU machine")
-    return TransformerConfig(
+    if p.cp > 1 and not use_te:
+        from megaphi.config.schema import ConfigError
+
+        raise ConfigError("parallel.cp",
+                          f"context parallelism (cp={p.cp}) runs in Transformer Engine's "
+                          "attention, which is not available here (no CUDA GPU, or "
+                          "transformer-engine is not installed)",
+                          "set parallel.cp=1, or install megaphi[gpu] on a GPU machine")
+    config_class, rope = TransformerConfig, {}
+    if m.rope_scaling == "yarn":
+        config_class, rope = _yarn_config_class(), dict(
+            yarn_rotary_scaling_factor=m.rope_scaling_factor,
+            yarn_original_max_position_embeddings=m.rope_original_seq_length)
+    return config_class(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -91,7 +105,8 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=use_te,
+        # TE's fused RoPE cannot apply YaRN's attention scaling.
+        apply_rope_fusion=use_te and m.rope_scaling != "yarn",
         gradient_accumulation_fusion=use_te,
         cross_entropy_loss_fusion=on_gpu,
         deallocate_pipeline_outputs=True,
@@ -103,6 +118,39 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
         overlap_p2p_comm=interleaved and on_gpu,
         batch_p2p_comm=not interleaved,
         **fp8,
+        **rope,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _yarn_config_class():
+    """``TransformerConfig`` with the YaRN fields ``GPTModel`` reads for
+    ``position_embedding_type="yarn"`` (Megatron-Core 0.16.1 declares them only on its
+    multi-latent-attention config). Defaults are YaRN's: beta_fast 32, beta_slow 1, and an
+    attention scale of 0.1 ln(factor) + 1 on queries and keys."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    @dataclasses.dataclass
+    class YarnTransformerConfig(TransformerConfig):
+        yarn_rotary_scaling_factor: float = 1.0
+        yarn_original_max_position_embeddings: int = 4096
+        yarn_beta_fast: float = 32.0
+        yarn_beta_slow: float = 1.0
+        yarn_mscale: float = 1.0
+        yarn_mscale_all_dim: float = 0.0
+        yarn_correction_range_round_to_int: bool = True
+
+    return YarnTransformerConfig
+
+
+def rope_arguments(model) -> dict:
+    """``GPTModel`` keyword arguments of the model's RoPE and its rescaling method."""
+    return dict(
+        position_embedding_type="yarn" if model.rope_scaling == "yarn" else "rope",
+        rotary_percent=1.0,
+        rotary_base=int(model.rotary_base),
+        seq_len_interpolation_factor=(model.rope_scaling_factor
+                                      if model.rope_scaling == "linear" else None),
     )
 
 
@@ -166,9 +214,7 @@ def build_model(cfg: MegaphiConfig, use_te: Optional[bool] = None,
                     ignore_virtual=False, vp_stage=vp_stage),
                 parallel_output=True,
                 share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-                position_embedding_type="rope",
-                rotary_percent=1.0,
-                rotary_base=int(cfg.model.rotary_base),
+                **rope_arguments(cfg.model),
                 vp_stage=vp_stage,
             ))
     if device is None and on_gpu:

@@ -173,10 +173,15 @@ def _unshare_adam_steps(optimizer) -> None:
 
 
 def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict,
-                    load_optimizer: bool = True) -> Optional[dict]:
+                    load_optimizer: bool = True, load_progress: bool = True) -> Optional[dict]:
     """Load a checkpoint into this rank's (possibly differently laid out) model and optimizer.
 
-    Returns the saved train state (``None`` when only model weights were loaded)."""
+    Args:
+        load_optimizer: also load the optimizer state (parameters' Adam moments and steps).
+        load_progress: also restore the LR schedule and RNG states and return the train state
+            (resuming a run); off when a new run starts from the checkpoint.
+
+    Returns the saved train state, or ``None`` when progress was not loaded."""
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core.utils import unwrap_model
 
@@ -185,7 +190,8 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict,
     if load_optimizer:
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(chunks, optimizer if load_optimizer else None, is_loading=True)
-    if same_layout and load_optimizer:
+    load_progress = load_progress and load_optimizer
+    if same_layout and load_progress:
         state["rng_state"] = _rng_object(layout)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(unwrap_model(list(chunks))):
@@ -195,6 +201,8 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict,
     with _torch_adam_step_fix():
         optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(optimizer)
+    if not load_progress:
+        return None
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         rng = loaded["rng_state"]

@@ -13,25 +13,50 @@ from functools import partial
 from typing import Dict, Iterable, List
 
 import torch
+import torch.distributed as dist
 
 Batch = Dict[str, torch.Tensor]
 
 
-def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Mean per-token loss over unmasked tokens; ``output`` is ``[b, s]`` per-token losses."""
+def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor, cp_group=None):
+    """Mean per-token loss over unmasked tokens; ``output`` is ``[b, s]`` per-token losses.
+
+    With context parallelism each rank holds a slice of every sequence: the mean is over the
+    whole sequences (sums and counts all-reduced over the CP group), and this rank back-propagates
+    its own tokens' part of it. (Megatron's schedule multiplies a 2-tuple loss by the CP size,
+    and its DDP averages gradients over data x context-parallel ranks; the two cancel.)
+    """
     losses = output.float()
     mask = loss_mask.float()
-    loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
-    # clone: the schedule divides the returned loss by the micro-batch count in place
-    return loss, {"lm loss": loss.detach().clone()}
+    local_sum = (losses * mask).sum()
+    if cp_group is None:
+        loss = local_sum / mask.sum().clamp(min=1.0)
+        # clone: the schedule divides the returned loss by the micro-batch count in place
+        return loss, {"lm loss": loss.detach().clone()}
+    totals = torch.stack([local_sum.detach(), mask.sum()])
+    dist.all_reduce(totals, group=cp_group)
+    count = totals[1].clamp(min=1.0)
+    return local_sum / count, {"lm loss": totals[0] / count}
 
 
 def forward_step(data_iterator, model):
-    """Megatron ``forward_step_func``: run one micro-batch, return the output and its loss fn."""
+    """Megatron ``forward_step_func``: run one micro-batch, return the output and its loss fn.
+
+    With context parallelism, the rank keeps its two of the ``2 * cp`` sequence chunks
+    (Megatron's load-balanced causal split; RoPE positions are sliced the same way inside the
+    model)."""
+    from megatron.core import parallel_state as ps
+
     batch: Batch = next(data_iterator)
+    cp_group = None
+    if ps.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch))
+        cp_group = ps.get_context_parallel_group()
     output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                    attention_mask=None, labels=batch["labels"])
-    return output, partial(lm_loss, batch["loss_mask"])
+    return output, partial(lm_loss, batch["loss_mask"], cp_group=cp_group)
 
 
 def make_position_ids(tokens: torch.Tensor) -> torch.Tensor:

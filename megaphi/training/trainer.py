@@ -300,7 +300,10 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
     from megaphi.training.optim import build_optimizer, build_scheduler
     from megaphi.training.step import wrap_for_training
 
+    from megaphi.training.warm_start import prepare_warm_start, warm_start
+
     mixture = load_run_mixture(cfg)
+    start_from = prepare_warm_start(cfg)  # checked before any process group is set up
     rt = init_runtime(cfg.parallel, seed=cfg.train.seed)
     writer = None
     try:
@@ -325,6 +328,11 @@ def run_training(cfg: MegaphiConfig) -> TrainState:
             state = TrainState(**saved)
             logger.info("resumed from %s at step %d (%d samples consumed)", resume,
                         state.iteration, state.consumed_samples)
+            if start_from is not None:
+                logger.info("checkpoint.load (%s) is not used: this run resumes from its own "
+                            "checkpoint", start_from)
+        elif start_from is not None:
+            warm_start(start_from, cfg, chunks, optimizer, scheduler, layout)
         batches, valid_batches = data_iterators(cfg, rt, mixture, state.consumed_samples)
         writer = MetricsWriter(str(run_dir), cfg.logging.tensorboard, enabled=rt.is_main,
                                resume_step=None if resume is None else state.iteration)

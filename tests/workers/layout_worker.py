@@ -53,6 +53,7 @@ def main():
 
     cfg = load_config("tiny", overrides=[f"model.seq_length={SEQ}", "precision.dtype=fp32",
                                          *args.overrides])
+    seq = cfg.model.seq_length  # SEQ unless overridden (long-sequence GPU checks)
     rt = init_runtime(cfg.parallel, seed=cfg.train.seed)
     chunks = build_model(cfg, use_te=args.spec == "te")
     initialize_weights(chunks, cfg.model, seed=7)
@@ -65,12 +66,12 @@ def main():
         for chunk in chunks:
             chunk.zero_grad_buffer()
 
-    sequences = torch.randint(0, cfg.model.vocab_size, (GLOBAL_BATCH, SEQ + 1),
+    sequences = torch.randint(0, cfg.model.vocab_size, (GLOBAL_BATCH, seq + 1),
                               generator=torch.Generator().manual_seed(0))
     per_dp = GLOBAL_BATCH // rt.dp
     mine = sequences[ps.get_data_parallel_rank() * per_dp:][:per_dp]
     micro = [lm_batch(mine[i:i + MICRO_BATCH], rt.device) for i in range(0, per_dp, MICRO_BATCH)]
-    losses = forward_backward(chunks, micro, num_microbatches=len(micro), seq_length=SEQ,
+    losses = forward_backward(chunks, micro, num_microbatches=len(micro), seq_length=seq,
                               micro_batch_size=MICRO_BATCH, forward_only=args.forward_only)
 
     # The loss lives on the last pipeline stage; average it over data-parallel replicas.
