@@ -23,6 +23,9 @@ LAYOUTS = {
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"], []),
     "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2"], []),
     "dp2": (2, [], ["--allreduce-ddp"]),
+    # Activation recomputation changes memory, never the numbers.
+    "recompute_full": (1, ["train.recompute=full"], []),
+    "tp2_recompute_selective": (2, ["parallel.tp=2", "train.recompute=selective"], []),
 }
 RTOL = 1e-5
 
@@ -59,6 +62,8 @@ def test_layout_matches_single_process(layout, reference, layout_results):
     assert abs(got["loss"] - reference["loss"]) <= RTOL * abs(reference["loss"]), (
         f"{layout}: loss {got['loss']} vs single-process {reference['loss']}")
     assert got["grads"].keys() == reference["grads"].keys()
+    if "recompute" in layout:
+        assert got["recompute_granularity"] == layout.split("recompute_")[1]
     errors = {name: rel_err(got["grads"][name], g) for name, g in reference["grads"].items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= RTOL, f"{layout}: gradient of {worst} off by {errors[worst]:.2e} rel"

@@ -65,6 +65,12 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
                           "attention, which is not available here (no CUDA GPU, or "
                           "transformer-engine is not installed)",
                           "set parallel.cp=1, or install megaphi[gpu] on a GPU machine")
+    recompute = {
+        "none": {},
+        "selective": dict(recompute_granularity="selective"),
+        "full": dict(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1),
+    }[cfg.train.recompute]
     config_class, rope = TransformerConfig, {}
     if m.rope_scaling == "yarn":
         config_class, rope = _yarn_config_class(), dict(
@@ -119,6 +125,7 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
         batch_p2p_comm=not interleaved,
         **fp8,
         **rope,
+        **recompute,
     )
 
 

@@ -58,6 +58,7 @@ def main():
     chunks = build_model(cfg, use_te=args.spec == "te")
     initialize_weights(chunks, cfg.model, seed=7)
     mp_count = model_parallel_param_count(chunks)
+    config = chunks[0].config
     from megatron.core.utils import unwrap_model
 
     inv_freq = unwrap_model(chunks[0]).rotary_pos_emb.inv_freq.detach().cpu().clone()
@@ -88,7 +89,8 @@ def main():
         torch.save({"loss": loss.item(), "weights": weights, "grads": grads,
                     "mp_param_count": mp_count,
                     "rotary_inv_freq": inv_freq, "rotary_base": cfg.model.rotary_base,
-                    "head_dim": cfg.model.kv_channels}, tmp)
+                    "head_dim": cfg.model.kv_channels,
+                    "recompute_granularity": config.recompute_granularity}, tmp)
         os.replace(tmp, args.out)
     shutdown_runtime()
 
