@@ -41,5 +41,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",
+        "megaphi-generate=megaphi.generate:main",
     ]},
 )

@@ -30,6 +30,7 @@ import torch.distributed as dist
 logger = logging.getLogger("megaphi.train")
 
 LATEST = "latest"
+META = "megaphi.json"  # written last: marks a complete checkpoint
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -47,10 +48,36 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     target = root / pointer.read_text().strip()
-    if not (target / "megaphi.json").is_file():
+    if not (target / META).is_file():
         raise FileNotFoundError(f"{pointer} names {target}, which is not a complete checkpoint; "
                                 "point it at an existing iter_* directory or delete it")
     return target
+
+
+class CheckpointNotFound(ValueError):
+    """A path that is not a megaphi checkpoint; the message names the path and the fix."""
+
+
+def resolve_checkpoint(path) -> Path:
+    """The ``iter_*`` directory of a checkpoint given as that directory, a checkpoints directory
+    (with a ``latest`` pointer) or a run directory (with ``checkpoints/latest``)."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        pointer = root / LATEST
+        if pointer.is_file():
+            target = root / pointer.read_text().strip()
+            if not (target / META).is_file():
+                raise CheckpointNotFound(f"{pointer} names {target}, which is not a complete "
+                                         "checkpoint; point it at an existing iter_* directory")
+            return target
+    if not path.exists():
+        raise CheckpointNotFound(f"checkpoint {path} does not exist; pass a run directory, its "
+                                 "checkpoints/ directory or one iter_* directory")
+    raise CheckpointNotFound(f"{path} is not a megaphi checkpoint (no {META}, no {LATEST} "
+                             "pointer, no checkpoints/latest); pass a run directory, its "
+                             "checkpoints/ directory or one complete iter_* directory")
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
@@ -106,7 +133,7 @@ def save_checkpoint(run_dir: str, chunks, optimizer, scheduler, train_state, con
         meta = {"iteration": train_state.iteration, "megaphi_version": megaphi.__version__,
                 "megatron_core_version": megatron.core.__version__, "layout": layout,
                 "config": config_dict}
-        (target / "megaphi.json").write_text(json.dumps(meta, indent=2, default=str))
+        (target / META).write_text(json.dumps(meta, indent=2, default=str))
         tmp = root / (LATEST + ".tmp")
         tmp.write_text(target.name + "\n")
         os.replace(tmp, root / LATEST)  # the checkpoint becomes visible only now
@@ -119,7 +146,7 @@ def save_checkpoint(run_dir: str, chunks, optimizer, scheduler, train_state, con
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.glob("iter_*") if (p / "megaphi.json").is_file())
+    done = sorted(p for p in root.glob("iter_*") if (p / META).is_file())
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -185,7 +212,7 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict,
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core.utils import unwrap_model
 
-    meta = json.loads((path / "megaphi.json").read_text())
+    meta = json.loads((path / META).read_text())
     same_layout = meta["layout"] == layout
     if load_optimizer:
         _materialize_optimizer_state(optimizer)

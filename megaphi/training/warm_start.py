@@ -42,21 +42,17 @@ REPORTED = (
 )
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """The ``iter_*`` directory that ``path`` names: itself, or what the ``latest`` pointer of
-    a checkpoints directory or of a run directory's ``checkpoints/`` names."""
-    from megaphi.training.checkpoint import LATEST, latest_checkpoint
+def resolve_start(path: str) -> Path:
+    """The ``iter_*`` directory ``checkpoint.load`` names (see
+    :func:`megaphi.training.checkpoint.resolve_checkpoint`), or a ConfigError naming the key."""
+    from megaphi.training.checkpoint import CheckpointNotFound, resolve_checkpoint
 
-    given = Path(path)
-    for candidate in (given, given / "checkpoints"):
-        if (candidate / "megaphi.json").is_file():
-            return candidate
-        if (candidate / LATEST).is_file():
-            return latest_checkpoint(candidate)
-    raise ConfigError("checkpoint.load", f"'{path}' is not a megaphi checkpoint (no megaphi.json, "
-                      "no checkpoints/latest)",
-                      "point it at a run directory, its checkpoints/ directory or an iter_* "
-                      "directory of a finished save")
+    try:
+        return resolve_checkpoint(path)
+    except CheckpointNotFound as exc:
+        raise ConfigError("checkpoint.load", str(exc).split("; ")[0],
+                          "point it at a run directory, its checkpoints/ directory or an iter_* "
+                          "directory of a finished save") from None
 
 
 def checkpoint_config(path: Path) -> dict:
@@ -115,7 +111,7 @@ def prepare_warm_start(cfg: MegaphiConfig) -> Optional[Path]:
     """Resolve and check ``checkpoint.load`` before anything expensive; None when unset."""
     if cfg.checkpoint.load is None:
         return None
-    path = resolve_checkpoint(cfg.checkpoint.load)
+    path = resolve_start(cfg.checkpoint.load)
     check_architecture(checkpoint_config(path), cfg, path)
     return path
 
@@ -130,5 +126,9 @@ def warm_start(path: Path, cfg: MegaphiConfig, chunks, optimizer, scheduler, lay
                     load_optimizer=cfg.checkpoint.load_optimizer, load_progress=False)
     if cfg.checkpoint.load_optimizer:
         scheduler.step(increment=0)  # the loaded param groups carry the old run's last LR
+    else:
+        # Under bf16 the optimizer's fp32 main weights were copied from the initialisation when
+        # it was built; without this the first step would write them back over the loaded ones.
+        optimizer.reload_model_params()
     logger.info("loaded model weights%s from %s; schedule and step count start at 0",
                 " and optimizer state" if cfg.checkpoint.load_optimizer else "", path)
