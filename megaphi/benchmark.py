@@ -72,10 +72,6 @@ def bench_overrides(num_layers: Optional[int], seq_length: Optional[int], micro_
     return out
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -100,22 +96,21 @@ def _random_sequences(cfg: MegaphiConfig, count: int, seed: int) -> torch.Tensor
     return torch.randint(0, cfg.model.vocab_size, (count, cfg.model.seq_length + 1), generator=g)
 
 
-def _measurement(name: str, cfg: MegaphiConfig, spec: str, precision: str, world: int,
-                 step_time: float, device: torch.device, loss: float) -> Measurement:
-    from megaphi.model.arithmetic import flops_per_token, mfu
+def _measurement(name: str, cfg: MegaphiConfig, spec: str, precision: str, peak: str,
+                 world: int, step_time: float, device: torch.device, loss: float) -> Measurement:
+    from megaphi.model.arithmetic import step_throughput
+    from megaphi.platform import device_name
 
-    tokens = cfg.train.global_batch_size * cfg.model.seq_length
-    per_gpu = tokens / step_time / world
+    speed = step_throughput(cfg.model, cfg.train.global_batch_size * cfg.model.seq_length,
+                            step_time, world, device_name(device), peak)
     p = cfg.parallel
-    peak_precision = "fp8" if precision.startswith("fp8") else precision
     return Measurement(
         name=name, spec=spec, precision=precision, layers=cfg.model.num_layers,
         seq_length=cfg.model.seq_length, micro_batch=cfg.train.micro_batch_size,
         global_batch=cfg.train.global_batch_size,
         layout=f"tp{p.tp} pp{p.pp} cp{p.cp} dp{world // p.model_parallel_size}", gpus=world,
-        step_time_s=step_time, tokens_per_s_per_gpu=per_gpu,
-        tflops_per_gpu=per_gpu * flops_per_token(cfg.model) / 1e12,
-        mfu=mfu(per_gpu, cfg.model, _device_name(device), peak_precision),
+        step_time_s=step_time, tokens_per_s_per_gpu=speed["tokens_per_s_per_gpu"],
+        tflops_per_gpu=speed["tflops_per_gpu"], mfu=speed["mfu"],
         peak_memory_gb=_peak_memory_gb(device), loss=loss)
 
 
@@ -154,8 +149,11 @@ def run_megaphi(cfg: MegaphiConfig, rt, use_te: bool, precision: str, warmup: in
         elapsed = (time.perf_counter() - start) / steps
     finally:
         trainer.preemption.restore()
+    from megaphi.model.arithmetic import peak_precision
+
     measured = _measurement("megaphi", cfg, "te" if use_te else "local", precision,
-                            rt.world_size, elapsed, rt.device, result.loss)
+                            peak_precision(cfg.precision), rt.world_size, elapsed, rt.device,
+                            result.loss)
     del trainer, optimizer, chunks
     gc.collect()
     if rt.device.type == "cuda":
@@ -218,8 +216,9 @@ def run_hf(cfg: MegaphiConfig, device: torch.device, warmup: int, steps: int,
     elapsed = (time.perf_counter() - start) / steps
     one = dataclasses.replace(cfg, parallel=dataclasses.replace(
         cfg.parallel, tp=1, pp=1, cp=1, vpp=None, sequence_parallel=False))
-    measured = _measurement("hf" + ("+compile" if compile_model else ""), one, "hf-sdpa",
-                            "bf16" if bf16 else "fp32", 1, elapsed, device, float(loss))
+    dtype = "bf16" if bf16 else "fp32"
+    measured = _measurement("hf" + ("+compile" if compile_model else ""), one, "hf-sdpa", dtype,
+                            dtype, 1, elapsed, device, float(loss))
     del model, optimizer
     gc.collect()
     if device.type == "cuda":

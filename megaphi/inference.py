@@ -35,7 +35,6 @@ top-p), which is what Pivotal Token Search needs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +43,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from megaphi.config.schema import MegaphiConfig
-from megaphi.training.checkpoint import META, CheckpointNotFound, resolve_checkpoint
+from megaphi.training.checkpoint import META, CheckpointNotFound, read_meta, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
-
-
-def read_meta(iter_dir: Path) -> dict:
-    """The ``megaphi.json`` of a checkpoint (iteration, layout, versions, resolved config)."""
-    return json.loads((Path(iter_dir) / META).read_text())
 
 
 def checkpoint_config(iter_dir: Path) -> MegaphiConfig:

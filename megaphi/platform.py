@@ -62,6 +62,11 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name (e.g. 'NVIDIA H100 80GB HBM3'), or ``"cpu"``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 # Warnings Megatron-Core emits on every import or call on a machine without Apex / Transformer
 # Engine, or for arguments megaphi deliberately leaves to their defaults: noise for users.
 _MEGATRON_NOISE = (

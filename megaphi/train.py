@@ -74,11 +74,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(dry_run_report(cfg))
         return 0
     from megaphi.data.mixture import MixtureError
+    from megaphi.training.checkpoint import CheckpointNotFound
     from megaphi.training.trainer import NonFiniteError, run_training
 
     try:
         run_training(cfg)
-    except (ConfigError, MixtureError, NonFiniteError) as exc:
+    except (ConfigError, MixtureError, NonFiniteError, CheckpointNotFound) as exc:
         print(f"megaphi-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,6 @@ A thin command line over :mod:`megaphi.benchmark`; run with ``--help`` for the d
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 PROG = "benchmark_throughput"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from megaphi.config.schema import ModelConfig
+from megaphi.config.schema import ModelConfig, PrecisionConfig
 
 # Dense peak TFLOP/s per GPU (no sparsity), by device name fragment and precision.
 PEAK_TFLOPS = {
@@ -74,3 +74,17 @@ def mfu(tokens_per_s_per_gpu: float, m: ModelConfig, device_name: str, precision
     if peak is None:
         return None
     return tokens_per_s_per_gpu * flops_per_token(m, seq_length) / (peak * 1e12)
+
+
+def peak_precision(precision: PrecisionConfig) -> str:
+    """Which device peak a run's precision is measured against: ``fp8`` or its dtype."""
+    return "fp8" if precision.fp8.recipe else precision.dtype
+
+
+def step_throughput(m: ModelConfig, tokens_per_step: int, step_time: float, gpus: int,
+                    device_name: str, precision: str) -> dict:
+    """Tokens/s (in all and per GPU), model TFLOP/s per GPU and MFU of a training step."""
+    per_gpu = tokens_per_step / step_time / gpus
+    return {"tokens_per_s": tokens_per_step / step_time, "tokens_per_s_per_gpu": per_gpu,
+            "tflops_per_gpu": per_gpu * flops_per_token(m) / 1e12,
+            "mfu": mfu(per_gpu, m, device_name, precision)}

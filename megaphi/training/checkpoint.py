@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,10 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return root / f"iter_{iteration:07d}"
 
 
+class CheckpointNotFound(ValueError):
+    """A path that is not a megaphi checkpoint; the message names the path and the fix."""
+
+
 def latest_checkpoint(root: Path) -> Optional[Path]:
     """The checkpoint ``latest`` points at, or None when there is none."""
     pointer = root / LATEST
@@ -49,13 +53,9 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
         return None
     target = root / pointer.read_text().strip()
     if not (target / META).is_file():
-        raise FileNotFoundError(f"{pointer} names {target}, which is not a complete checkpoint; "
-                                "point it at an existing iter_* directory or delete it")
+        raise CheckpointNotFound(f"{pointer} names {target}, which is not a complete checkpoint; "
+                                 "point it at an existing iter_* directory or delete it")
     return target
-
-
-class CheckpointNotFound(ValueError):
-    """A path that is not a megaphi checkpoint; the message names the path and the fix."""
 
 
 def resolve_checkpoint(path) -> Path:
@@ -64,13 +64,9 @@ def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if (path / META).is_file():
         return path
-    for root in (path, path / "checkpoints"):
-        pointer = root / LATEST
-        if pointer.is_file():
-            target = root / pointer.read_text().strip()
-            if not (target / META).is_file():
-                raise CheckpointNotFound(f"{pointer} names {target}, which is not a complete "
-                                         "checkpoint; point it at an existing iter_* directory")
+    for root in (path, checkpoints_root(str(path))):
+        target = latest_checkpoint(root)
+        if target is not None:
             return target
     if not path.exists():
         raise CheckpointNotFound(f"checkpoint {path} does not exist; pass a run directory, its "
@@ -78,6 +74,11 @@ def resolve_checkpoint(path) -> Path:
     raise CheckpointNotFound(f"{path} is not a megaphi checkpoint (no {META}, no {LATEST} "
                              "pointer, no checkpoints/latest); pass a run directory, its "
                              "checkpoints/ directory or one complete iter_* directory")
+
+
+def read_meta(iter_dir: Path) -> dict:
+    """The ``megaphi.json`` of a checkpoint (iteration, layout, versions, resolved config)."""
+    return json.loads((Path(iter_dir) / META).read_text())
 
 
 def _sharded_state(chunks, optimizer, is_loading: bool) -> dict:
@@ -212,7 +213,7 @@ def load_checkpoint(path: Path, chunks, optimizer, scheduler, layout: dict,
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core.utils import unwrap_model
 
-    meta = json.loads((path / META).read_text())
+    meta = read_meta(path)
     same_layout = meta["layout"] == layout
     if load_optimizer:
         _materialize_optimizer_state(optimizer)

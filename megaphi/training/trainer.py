@@ -201,21 +201,17 @@ class Trainer:
                 "from an earlier checkpoint")
 
     def _metrics(self, result: StepResult, step_time: float, tokens_per_step: int) -> dict:
-        from megaphi.model.arithmetic import flops_per_token, mfu
+        from megaphi.model.arithmetic import peak_precision, step_throughput
+        from megaphi.platform import device_name
 
-        tokens_per_s_gpu = tokens_per_step / step_time / self.rt.world_size
-        device_name = torch.cuda.get_device_name() if self.rt.device.type == "cuda" else "cpu"
-        precision = "fp8" if self.cfg.precision.fp8.recipe else self.cfg.precision.dtype
         return {
             "loss": result.loss,
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
             "skipped": int(result.skipped),
             "step_time_s": step_time,
-            "tokens_per_s": tokens_per_step / step_time,
-            "tokens_per_s_per_gpu": tokens_per_s_gpu,
-            "tflops_per_gpu": tokens_per_s_gpu * flops_per_token(self.cfg.model) / 1e12,
-            "mfu": mfu(tokens_per_s_gpu, self.cfg.model, device_name, precision),
+            **step_throughput(self.cfg.model, tokens_per_step, step_time, self.rt.world_size,
+                              device_name(self.rt.device), peak_precision(self.cfg.precision)),
             "memory_gb": _memory_gb(self.rt.device),
             "consumed_samples": self.state.consumed_samples,
         }

@@ -13,7 +13,6 @@ always start at 0.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -57,7 +56,9 @@ def resolve_start(path: str) -> Path:
 
 def checkpoint_config(path: Path) -> dict:
     """The resolved config a checkpoint was saved with (``megaphi.json``), as a nested dict."""
-    return json.loads((path / "megaphi.json").read_text())["config"]
+    from megaphi.training.checkpoint import read_meta
+
+    return read_meta(path)["config"]
 
 
 def _kv_channels(model: dict) -> int:
