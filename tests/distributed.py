@@ -1,5 +1,6 @@
 """Run a test worker under torchrun on CPU (gloo) and load what its rank 0 saved."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import torch
 from megaphi.platform import free_port
 
 WORKERS = Path(__file__).parent / "workers"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker_env(**extra) -> dict:
@@ -31,3 +33,17 @@ def run_worker(script: str, nproc: int, out: Path, args=(), timeout: int = 600) 
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return torch.load(out, weights_only=False)
+
+
+def megaphi_train(nproc: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``megaphi-train --preset tiny ARGS`` under torchrun on ``nproc`` processes, from the
+    repository root; the caller checks the return code."""
+    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(),
+                          cwd=ROOT)
+
+
+def logged_losses(run_dir: Path) -> list:
+    """The training losses a run logged in ``metrics.jsonl`` (validation records skipped)."""
+    records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if "loss" in r]

@@ -43,23 +43,16 @@ def test_context_parallel_matches_cp1_at_a_long_sequence(tmp_path):
 
 
 def _train_losses(run_dir, mixture, *overrides):
-    import json
-    import subprocess
-    from pathlib import Path
+    from distributed import logged_losses, megaphi_train
 
-    from distributed import torchrun, worker_env
-
-    cmd = torchrun(1, "-m", "megaphi.train", "--preset", "tiny", f"data.mixture={mixture}",
-                   f"train.run_dir={run_dir}", "train.iters=300", "train.log_interval=10",
-                   "model.seq_length=256", "train.micro_batch_size=8",
-                   "train.global_batch_size=16", "optimizer.lr=1e-3",
-                   "schedule.warmup_iters=30", "data.num_workers=0", "precision.dtype=bf16",
-                   "logging.tensorboard=false", *overrides)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=worker_env(),
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = megaphi_train(1, f"data.mixture={mixture}", f"train.run_dir={run_dir}",
+                         "train.iters=300", "train.log_interval=10", "model.seq_length=256",
+                         "train.micro_batch_size=8", "train.global_batch_size=16",
+                         "optimizer.lr=1e-3", "schedule.warmup_iters=30", "data.num_workers=0",
+                         "precision.dtype=bf16", "logging.tensorboard=false", *overrides,
+                         timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return logged_losses(run_dir)
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])

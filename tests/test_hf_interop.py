@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_worker, torchrun, worker_env
+from distributed import megaphi_train, run_worker, worker_env
 from hf_models import EOS, build_hf_model, hf_tensors, load_hf, max_abs_diff, token_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,12 +154,9 @@ def code_mixture(tmp_path_factory):
 
 
 def train(nproc, *overrides):
-    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", "model.seq_length=64",
-                   "train.micro_batch_size=2", "train.global_batch_size=4",
-                   "schedule.warmup_iters=0", "data.num_workers=0", "logging.tensorboard=false",
-                   *overrides)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env(),
-                          cwd=ROOT)
+    proc = megaphi_train(nproc, "model.seq_length=64", "train.micro_batch_size=2",
+                         "train.global_batch_size=4", "schedule.warmup_iters=0",
+                         "data.num_workers=0", "logging.tensorboard=false", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 

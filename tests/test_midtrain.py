@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from distributed import torchrun, worker_env
+from distributed import logged_losses as losses
+from distributed import megaphi_train, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EOD = 100257
@@ -113,17 +114,6 @@ def test_context_parallelism_needs_te_attention():
 # Pre-training checkpoint -> mid-training
 
 
-def train(*overrides, nproc=1):
-    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *overrides)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env(),
-                          cwd=ROOT)
-
-
-def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
-
-
 COMMON = ["train.log_interval=1", "train.micro_batch_size=2", "train.global_batch_size=4",
           "data.num_workers=0", "logging.tensorboard=false", "optimizer.lr=2e-3"]
 
@@ -132,16 +122,18 @@ COMMON = ["train.log_interval=1", "train.micro_batch_size=2", "train.global_batc
 def pretrained(sample_mixture, tmp_path_factory):
     """The tiny model pre-trained 30 steps at sequence 64, RoPE base 10,000."""
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    proc = train(f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}", *COMMON,
-                 "model.seq_length=64", "train.iters=30", "schedule.warmup_iters=3")
+    proc = megaphi_train(1, f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
+                         *COMMON, "model.seq_length=64", "train.iters=30",
+                         "schedule.warmup_iters=3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
 
 def midtrain(pretrained, sample_mixture, run_dir, *overrides):
-    return train(f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}", *COMMON,
-                 "phase.name=midtrain", f"checkpoint.load={pretrained}", "model.seq_length=128",
-                 "optimizer.lr=2e-4", "schedule.warmup_iters=2", *overrides)
+    return megaphi_train(1, f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
+                         *COMMON, "phase.name=midtrain", f"checkpoint.load={pretrained}",
+                         "model.seq_length=128", "optimizer.lr=2e-4", "schedule.warmup_iters=2",
+                         *overrides)
 
 
 def test_midtraining_continues_the_checkpoint_at_a_new_base_and_length(pretrained, sample_mixture,

@@ -8,16 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from distributed import run_worker, worker_env, torchrun
+from distributed import logged_losses as losses
+from distributed import megaphi_train as train
+from distributed import run_worker, torchrun, worker_env
 from megaphi.platform import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def train(nproc, *overrides, timeout=600):
-    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *overrides)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(),
-                          cwd=ROOT)
 
 
 def test_loss_falls_within_tens_of_steps(sample_mixture, tmp_path):
@@ -53,10 +49,6 @@ def test_missing_mixture_is_one_clear_error(tmp_path):
 SHORT = ["train.iters=8", "train.log_interval=1", "model.seq_length=64", "train.micro_batch_size=2",
          "train.global_batch_size=4", "schedule.warmup_iters=2", "data.num_workers=0",
          "logging.tensorboard=false", "checkpoint.keep_last=1"]
-
-
-def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +96,14 @@ def test_kill_during_save_leaves_latest_on_the_previous_checkpoint(sample_mixtur
     is ignored, and the relaunched run resumes at step 4, overwrites it, and logs the same
     losses as the attempt that was killed (bitwise: same layout, exact resume)."""
     run_dir = tmp_path / "run"
-    args = ["--preset", "tiny", f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
+    args = [f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
             *SHORT, "parallel.tp=2", "checkpoint.interval=4", "checkpoint.keep_last=2",
             "train.iters=12"]
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
         killed = subprocess.run(
             torchrun(2, ROOT / "tests" / "workers" / "kill_during_save_worker.py", "iter_0000008",
-                     *args), stdout=out, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT,
+                     "--preset", "tiny", *args), stdout=out, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT,
             timeout=600)
     assert killed.returncode != 0, "the worker was meant to be killed:\n" + log.read_text()[-3000:]
     ckpts = run_dir / "checkpoints"
@@ -121,8 +113,7 @@ def test_kill_during_save_leaves_latest_on_the_previous_checkpoint(sample_mixtur
     before_kill = losses(run_dir)
     assert len(before_kill) == 8  # the killed attempt trained and logged steps 1-8
 
-    resumed = subprocess.run(torchrun(2, "-m", "megaphi.train", *args), capture_output=True,
-                             text=True, timeout=600, env=worker_env(), cwd=ROOT)
+    resumed = train(2, *args)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stderr and "at step 4 " in resumed.stderr
     after = losses(run_dir)
