@@ -43,6 +43,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from megaphi.config.schema import MegaphiConfig
+from megaphi.data.chat import chat_text
 from megaphi.training.checkpoint import META, CheckpointNotFound, read_meta, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -259,10 +260,11 @@ class Generation:
 
 
 def chat_prompt(prompt: str, system: Optional[str] = None) -> str:
-    """Phi-4's chat format for one user turn, ready for the assistant's answer."""
-    turns = [] if system is None else [f"<|im_start|>system<|im_sep|>{system}<|im_end|>"]
-    turns.append(f"<|im_start|>user<|im_sep|>{prompt}<|im_end|>")
-    return "".join(turns) + "<|im_start|>assistant<|im_sep|>"
+    """Phi-4's chat format for one user turn, ready for the assistant's answer
+    (:func:`megaphi.data.chat.chat_text` with the generation prompt)."""
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    messages.append({"role": "user", "content": prompt})
+    return chat_text(messages, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_round_trip_identical_for_any_worker_count(tmp_path, corpus):
     assert (two.documents, two.tokens) == (one.documents, one.tokens)
     assert one.bytes_written == sum(p.stat().st_size for p in dataset_files(one.prefix)[:2])
     meta = read_meta(tmp_path / "out1" / "ds")
-    assert meta == {"format": "megaphi-indexed-v1", "tokenizer": TOK.describe(),
+    assert meta == {"format": "megaphi-indexed-v1", "kind": "text", "tokenizer": TOK.describe(),
                     "documents": len(expected), "tokens": n_tokens, "skipped_lines": 0,
                     "inputs": [str(p) for p in inputs], "json_key": "text", "dtype": "int32"}
     assert IndexedDataset(str(tmp_path / "out1" / "ds")).index.dtype.__name__ == "int32"

@@ -12,14 +12,24 @@ import sys
 import warnings
 
 PROG = "preprocess_data"
+FORMATS = ("text", "chat")  # megaphi.data.preprocess.KINDS (not imported: --help stays instant)
 
 DESCRIPTION = """\
 Tokenise JSON-lines files (plain or gzip) into a Megatron-Core indexed dataset:
 PREFIX.bin and PREFIX.idx (read them with megatron.core.datasets.indexed_dataset.IndexedDataset)
-plus PREFIX.meta.json, which records the tokenizer's fingerprint, the document and token counts
-and the inputs. Each non-blank line is one JSON object and becomes one document: the string under
---json-key, tokenised as plain text (special-token strings are not interpreted), followed by the
-tokenizer's end-of-document token.
+plus PREFIX.meta.json, which records the kind of data, the tokenizer's fingerprint, the document
+and token counts and the inputs. Each non-blank line is one JSON object and becomes one document,
+followed by the tokenizer's end-of-document token:
+
+  --format text (default)  the string under --json-key, tokenised as plain text (special-token
+                           strings are not interpreted); pre-training data.
+  --format chat            a conversation for SFT, {"messages": [{"role": "system"|"user"|
+                           "assistant", "content": "..."}, ...]} with at least one assistant
+                           message ("id" and other fields are ignored), rendered in Phi-4's chat
+                           format: <|im_start|>ROLE<|im_sep|>CONTENT<|im_end|> per message, content
+                           as plain text. The loss mask (assistant content and its <|im_end|>) is
+                           recovered from the ids at training time; the meta records the number
+                           of assistant tokens.
 
 Workers tokenise chunks of lines in parallel; the output does not depend on their number. Files
 are written under .tmp names and renamed on success, PREFIX.meta.json last, so a failed or
@@ -28,7 +38,8 @@ interrupted run leaves no complete-looking dataset and does not touch an earlier
 EPILOG = """\
 examples:
   %(prog)s --input data/web.jsonl.gz data/books.jsonl --output-prefix out/pretrain
-  %(prog)s --input chat.jsonl --json-key content --skip-bad-lines --output-prefix out/chat
+  %(prog)s --input posts.jsonl --json-key content --skip-bad-lines --output-prefix out/posts
+  %(prog)s --format chat --input examples/data/chat/faq_train.jsonl --output-prefix out/sft
   %(prog)s --merge out/part0 out/part1 --output-prefix out/all
 
 exit status: 0 on success, 2 on bad arguments or input (one 'error:' line), 1 on a
@@ -49,16 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write PREFIX.bin, PREFIX.idx and PREFIX.meta.json (the directory "
                              "is created if missing)")
     tokenise = parser.add_argument_group("tokenising (with --input)")
+    tokenise.add_argument("--format", default=None, choices=FORMATS,
+                          help="what each line holds: a document's text, or a conversation "
+                               "(see above; default: text)")
     tokenise.add_argument("--json-key", default=None, metavar="KEY",
-                          help="key of the text in each JSON object (default: text)")
+                          help="key of the text in each JSON object (--format text only; "
+                               "default: text)")
     tokenise.add_argument("--tokenizer", default=None, metavar="phi4|HF_DIR",
                           help="'phi4' (offline cl100k_base with Phi-4's special tokens) or a "
                                "Hugging Face tokenizer directory (default: phi4)")
     tokenise.add_argument("--workers", type=int, default=None, metavar="N",
                           help="tokenising processes (default: one per CPU)")
     tokenise.add_argument("--skip-bad-lines", action="store_true",
-                          help="skip and count lines that are not a JSON object with a string "
-                               "under --json-key, instead of stopping at the first one")
+                          help="skip and count bad lines (text: not a JSON object with a string "
+                               "under --json-key; chat: not a valid conversation) instead of "
+                               "stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -82,7 +98,8 @@ def main(argv=None) -> None:
 
     try:
         if args.merge:
-            given = [flag for flag, value in (("--json-key", args.json_key),
+            given = [flag for flag, value in (("--format", args.format),
+                                              ("--json-key", args.json_key),
                                               ("--tokenizer", args.tokenizer),
                                               ("--workers", args.workers),
                                               ("--skip-bad-lines", args.skip_bad_lines)) if value]
@@ -91,12 +108,16 @@ def main(argv=None) -> None:
                      "tokens as they are")
             result = merge(args.merge, args.output_prefix, progress=not args.no_progress)
         else:
+            if args.format not in (None, "text") and args.json_key is not None:
+                fail(f"--json-key applies to --format text only; --format {args.format} reads "
+                     "each line's 'messages': drop --json-key")
             try:
                 tokenizer = load_tokenizer(args.tokenizer or "phi4")
             except ValueError as e:  # the message names data.tokenizer; the flag is --tokenizer
                 fail(str(e).replace("data.tokenizer=", "--tokenizer "))
             result = preprocess(args.input, args.output_prefix, tokenizer,
-                                json_key=args.json_key or "text", workers=args.workers,
+                                format=args.format or "text", json_key=args.json_key,
+                                workers=args.workers,
                                 skip_bad_lines=args.skip_bad_lines,
                                 progress=not args.no_progress)
     except PreprocessError as e:

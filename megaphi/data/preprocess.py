@@ -1,10 +1,20 @@
 """Preprocess JSON-lines corpora into Megatron-Core indexed datasets.
 
-One JSON object per line (plain or gzip) becomes one document: the text under ``json_key`` is
-tokenised as ordinary text (special-token strings in it are plain text) and the tokenizer's
-``eod_id`` is appended. The result is ``PREFIX.bin`` + ``PREFIX.idx``, written with Megatron-Core's
+One JSON object per line (plain or gzip) becomes one document, followed by the tokenizer's
+``eod_id``. What a line holds depends on the dataset's kind (``format`` of :func:`preprocess`,
+recorded as ``kind`` in the meta; see :data:`KINDS`):
+
+* ``text``: the string under ``json_key``, tokenised as ordinary text (special-token strings in
+  it are plain text); pre-training documents.
+* ``chat``: a conversation ``{"messages": [{"role": ..., "content": ...}, ...]}`` rendered in
+  Phi-4's chat format by :func:`megaphi.data.chat.render_chat`; the loss mask is not stored, as
+  :func:`megaphi.data.chat.loss_mask_from_ids` recovers it from the ids. The meta also records
+  ``assistant_tokens``, the tokens that carry loss.
+
+The result is ``PREFIX.bin`` + ``PREFIX.idx``, written with Megatron-Core's
 ``IndexedDatasetBuilder`` so ``IndexedDataset(PREFIX)`` reads it, and ``PREFIX.meta.json``, which
-records the tokenizer's fingerprint so training can refuse data made with another vocabulary.
+records the kind and the tokenizer's fingerprint so training can refuse data made with another
+vocabulary or of another kind.
 
 Tokenisation runs in worker processes over chunks of lines; the main process writes the chunks
 in input order, so the output is byte-identical whatever the number of workers. Outputs are
@@ -12,7 +22,8 @@ written under ``.tmp`` names and renamed only on success, ``.meta.json`` last: a
 ``.meta.json`` exists is complete, and a failed or interrupted run leaves earlier outputs alone.
 
 :func:`preprocess` and :func:`merge` are the entry points (``tools/preprocess_data.py`` is the
-command line); :func:`read_meta` is what training uses to check a dataset's tokenizer.
+command line); :func:`read_meta` is what training uses to check a dataset's tokenizer, and
+:func:`dataset_kind` its kind.
 """
 
 from __future__ import annotations
@@ -31,15 +42,27 @@ import struct
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from megaphi.data.chat import (
+    CONVERSATION_FORMAT,
+    ChatFormatError,
+    chat_token_ids,
+    parse_conversation,
+    render_chat,
+)
 
 logger = logging.getLogger(__name__)
 
 META_FORMAT = "megaphi-indexed-v1"
+KINDS = ("text", "chat")
+"""Kinds of dataset (:func:`preprocess`'s ``format``, the meta's ``kind``): ``text`` documents for
+pre-training, ``chat`` conversations for SFT. A meta without ``kind`` (written before kinds
+existed) is ``text``."""
 DEFAULT_CHUNK_BYTES = 1 << 20
 """Bytes of input per chunk a worker tokenises: large enough that pickling and process hops
 cost next to nothing, small enough to keep workers evenly busy on a few MB of input."""
@@ -75,11 +98,18 @@ class PreprocessResult:
     """Size of ``.bin`` plus ``.idx``."""
     seconds: float
     """Wall time of the run (after the checks and imports that precede any work)."""
+    kind: str = "text"
+    """The dataset's kind (:data:`KINDS`)."""
+    counts: Dict[str, int] = field(default_factory=dict)
+    """Counts particular to the kind, also recorded in the meta (chat: ``assistant_tokens``)."""
 
     def summary(self) -> str:
         """One line for a person: documents, tokens, bytes, seconds and rates."""
         secs = max(self.seconds, 1e-9)
-        line = (f"{self.documents:,} documents, {self.tokens:,} tokens, "
+        counts = "".join(f" ({value:,} {name.replace('_', ' ')})"
+                         for name, value in self.counts.items())
+        line = (f"{self.documents:,} {'conversations' if self.kind == 'chat' else 'documents'}, "
+                f"{self.tokens:,} tokens{counts}, "
                 f"{_human_bytes(self.bytes_written)} written to {self.prefix}.{{bin,idx}} in "
                 f"{self.seconds:.2f} s ({_human_rate(self.documents / secs)} docs/s, "
                 f"{_human_rate(self.tokens / secs)} tok/s)")
@@ -121,7 +151,21 @@ def read_meta(prefix: PathLike) -> dict:
         missing.append("tokenizer.fingerprint")
     if missing:
         raise PreprocessError(f"{path} lacks {', '.join(missing)}; {redo}")
+    kind = meta.get("kind", "text")
+    if kind not in KINDS:
+        raise PreprocessError(f"{path} has kind {kind!r}, which this version of megaphi does not "
+                              f"know (kinds: {', '.join(KINDS)}); update megaphi or {redo}")
     return meta
+
+
+def dataset_kind(prefix: PathLike) -> str:
+    """The kind of the dataset at ``prefix`` (one of :data:`KINDS`); ``"text"`` for datasets
+    written before kinds were recorded.
+
+    Raises:
+        PreprocessError: as :func:`read_meta`.
+    """
+    return read_meta(prefix).get("kind", "text")
 
 
 def default_workers() -> int:
@@ -137,7 +181,8 @@ def preprocess(
     output_prefix: PathLike,
     tokenizer: Any,
     *,
-    json_key: str = "text",
+    format: str = "text",
+    json_key: Optional[str] = None,
     workers: Optional[int] = None,
     skip_bad_lines: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -149,11 +194,16 @@ def preprocess(
         inputs: JSON-lines files, plain or gzip (by ``.gz`` suffix or magic bytes), in order.
         output_prefix: where to write; its directory is created if missing.
         tokenizer: has ``tokenize(text) -> list[int]``, ``eod_id``, ``vocab_size`` and
-            ``describe()`` (see :mod:`megaphi.data.tokenizer`); picklable when workers > 1.
-        json_key: key of each line's text.
+            ``describe()`` (see :mod:`megaphi.data.tokenizer`), and for chat ``encode`` with
+            Phi-4's chat special tokens; picklable when workers > 1.
+        format: what each line holds (one of :data:`KINDS`, recorded as the meta's ``kind``):
+            ``"text"``, a document's text under ``json_key``; ``"chat"``, a conversation
+            (:func:`megaphi.data.chat.parse_conversation`), written as
+            :func:`megaphi.data.chat.render_chat`'s ids.
+        json_key: key of each line's text (text only; default ``"text"``).
         workers: tokenising processes; ``None`` means one per CPU, 1 tokenises in this process.
-        skip_bad_lines: skip (and count) lines that are not JSON objects with a string under
-            ``json_key`` instead of stopping at the first one.
+        skip_bad_lines: skip (and count) bad lines (text: not JSON objects with a string under
+            ``json_key``; chat: not valid conversations) instead of stopping at the first one.
         chunk_bytes: input bytes per unit of work (the output does not depend on it).
         progress: show a progress bar on stderr.
 
@@ -163,10 +213,11 @@ def preprocess(
     """
     inputs = [os.fspath(p) for p in inputs]
     workers = default_workers() if workers is None else workers
-    _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, chunk_bytes)
+    lines = _line_format(format, tokenizer, json_key)
+    _check_preprocess_args(inputs, output_prefix, tokenizer, lines, workers, chunk_bytes)
     dtype = _token_dtype(tokenizer.vocab_size)  # imports Megatron-Core: outside the timing
     start = time.perf_counter()
-    job = _ChunkJob(tokenizer, json_key, skip_bad_lines, dtype)
+    job = _ChunkJob(lines, skip_bad_lines, dtype)
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     described = tokenizer.describe()
     logger.info("tokenising %d file(s), %s, with %d worker(s) into %s (tokenizer %s, "
@@ -178,11 +229,14 @@ def preprocess(
             _ordered_results(job, _chunks(inputs, chunk_bytes), workers)) as results:
         builder = out.builder(dtype)
         docs = tokens = skipped = 0
+        counts = dict.fromkeys(lines.counts, 0)
         for task, result in results:
             path = inputs[task.file_index]
-            _report_bad_lines(path, result, skip_bad_lines, json_key, already=skipped)
+            _report_bad_lines(path, result, skip_bad_lines, lines.rule, already=skipped)
             _check_token_range(path, result, tokenizer.vocab_size)
             skipped += result.skipped
+            for name, value in result.counts.items():
+                counts[name] += value
             offsets = np.cumsum(result.lengths)
             begin = 0
             for end, length in zip(offsets.tolist(), result.lengths.tolist()):
@@ -194,12 +248,12 @@ def preprocess(
         if docs == 0:
             logger.warning("no documents in %s: the dataset at %s is empty",
                            ", ".join(inputs), os.fspath(output_prefix))
-        meta = {"format": META_FORMAT, "tokenizer": described, "documents": docs,
-                "tokens": tokens, "skipped_lines": skipped, "inputs": inputs,
-                "json_key": json_key, "dtype": np.dtype(dtype).name}
+        meta = {"format": META_FORMAT, "kind": lines.kind, "tokenizer": described,
+                "documents": docs, "tokens": tokens, **counts, "skipped_lines": skipped,
+                "inputs": inputs, **lines.meta(), "dtype": np.dtype(dtype).name}
         written = out.commit(meta)
     return PreprocessResult(os.fspath(output_prefix), docs, tokens, skipped, written,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, lines.kind, counts)
 
 
 def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
@@ -207,11 +261,13 @@ def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
     """Concatenate datasets into ``output_prefix``, in order (``IndexedDatasetBuilder.add_index``).
 
     The result is what preprocessing the inputs of all of them in one run would give. Its meta
-    sums documents, tokens and skipped lines and lists every input file.
+    sums documents, tokens, skipped lines and the counts of the kind (chat: assistant tokens)
+    and lists every input file.
 
     Raises:
-        PreprocessError: a prefix is not a complete dataset, or the datasets were tokenised with
-            different tokenizers (fingerprints differ). No output file is left behind.
+        PreprocessError: a prefix is not a complete dataset, the datasets are of different kinds
+            (text and chat), or they were tokenised with different tokenizers (fingerprints
+            differ). No output file is left behind.
     """
     prefixes = [os.fspath(p) for p in prefixes]
     if not prefixes:
@@ -227,17 +283,21 @@ def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
         for prefix in prefixes:
             builder.add_index(prefix)
             bar.update(1)
-        keys = {m.get("json_key") for m in metas}
-        meta = {"format": META_FORMAT, "tokenizer": metas[0]["tokenizer"],
+        kind = metas[0].get("kind", "text")
+        counts = {name: sum(m.get(name, 0) for m in metas) for name in _LINE_FORMATS[kind].counts}
+        meta = {"format": META_FORMAT, "kind": kind, "tokenizer": metas[0]["tokenizer"],
                 "documents": sum(m["documents"] for m in metas),
-                "tokens": sum(m["tokens"] for m in metas),
+                "tokens": sum(m["tokens"] for m in metas), **counts,
                 "skipped_lines": sum(m.get("skipped_lines", 0) for m in metas),
-                "inputs": [p for m in metas for p in m["inputs"]],
-                "json_key": keys.pop() if len(keys) == 1 else sorted(map(str, keys)),
-                "dtype": np.dtype(dtype).name, "merged_from": prefixes}
+                "inputs": [p for m in metas for p in m["inputs"]]}
+        if kind == "text":
+            keys = {m.get("json_key") for m in metas}
+            meta["json_key"] = keys.pop() if len(keys) == 1 else sorted(map(str, keys))
+        meta.update({"dtype": np.dtype(dtype).name, "merged_from": prefixes})
         written = out.commit(meta)
     return PreprocessResult(os.fspath(output_prefix), meta["documents"], meta["tokens"],
-                            meta["skipped_lines"], written, time.perf_counter() - start)
+                            meta["skipped_lines"], written, time.perf_counter() - start, kind,
+                            counts)
 
 
 def open_jsonl(path: PathLike):
@@ -255,7 +315,7 @@ def _is_gzip(path: PathLike) -> bool:
 # Checks
 
 
-def _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, chunk_bytes):
+def _check_preprocess_args(inputs, output_prefix, tokenizer, lines, workers, chunk_bytes):
     if not inputs:
         raise PreprocessError("no input files; pass JSON-lines files with --input")
     for path in inputs:
@@ -265,8 +325,6 @@ def _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, 
             raise PreprocessError(f"input {path} is not a file; pass JSON-lines files")
         if not os.access(path, os.R_OK):
             raise PreprocessError(f"input file {path} is not readable; check its permissions")
-    if not isinstance(json_key, str) or not json_key:
-        raise PreprocessError(f"json key {json_key!r} must be a non-empty string; fix --json-key")
     if not isinstance(workers, int) or workers < 1:
         raise PreprocessError(f"workers must be a positive integer, got {workers!r}; fix --workers")
     if chunk_bytes < 1:
@@ -275,6 +333,7 @@ def _check_preprocess_args(inputs, output_prefix, tokenizer, json_key, workers, 
         if not hasattr(tokenizer, attr):
             raise PreprocessError(f"tokenizer {tokenizer!r} has no {attr!r}; use one from "
                                   "megaphi.data.tokenizer.load_tokenizer")
+    lines.check()
     check_output_prefix(output_prefix)
 
 
@@ -288,6 +347,13 @@ def check_output_prefix(prefix: PathLike) -> None:
 
 def _check_mergeable(prefixes: List[str], metas: List[dict]) -> Any:
     """The common token dtype of the datasets; refuses differing tokenizers or broken indexes."""
+    first_kind = metas[0].get("kind", "text")
+    for prefix, meta in zip(prefixes, metas):
+        if meta.get("kind", "text") != first_kind:
+            raise PreprocessError(
+                f"cannot merge {prefix} (kind {meta.get('kind', 'text')}) with {prefixes[0]} "
+                f"(kind {first_kind}): a dataset holds one kind of document; merge datasets of "
+                "one kind, and mix kinds in training's data mixture instead")
     first_tok = metas[0]["tokenizer"]
     for prefix, meta in zip(prefixes, metas):
         tok = meta["tokenizer"]
@@ -340,15 +406,13 @@ def _token_dtype(vocab_size: int):
     return DType.optimal_dtype(vocab_size)
 
 
-def _report_bad_lines(path: str, result: "_ChunkResult", skip_bad_lines: bool, key: str,
+def _report_bad_lines(path: str, result: "_ChunkResult", skip_bad_lines: bool, rule: str,
                       already: int) -> None:
-    """Raise on a chunk's first bad line, or (skipping) log the run's first few of them."""
+    """Raise on a chunk's first bad line, or (skipping) log the run's first few of them.
+    ``rule`` says what a line must be and how to fix one (the line format's :attr:`rule`)."""
     for number, (line_number, reason) in enumerate(result.bad_lines, start=already):
         if not skip_bad_lines:
-            raise PreprocessError(
-                f"{path}:{line_number}: {reason}; each line must be a JSON object with a string "
-                f"under {key!r}: fix the line, choose the key with --json-key, or pass "
-                "--skip-bad-lines to skip such lines")
+            raise PreprocessError(f"{path}:{line_number}: {reason}; {rule}")
         if number < _MAX_REPORTED_BAD_LINES:
             logger.warning("skipping bad line %s:%d: %s", path, line_number, reason)
         elif number == _MAX_REPORTED_BAD_LINES:
@@ -411,62 +475,177 @@ class _ChunkResult:
     skipped: int
     bad_lines: List[Tuple[int, str]]  # (1-based line number, reason), the first few
     out_of_range: Optional[int]  # a token id outside the vocabulary, if any
+    counts: Dict[str, int]  # the line format's counts over the chunk
 
 
 @dataclass(frozen=True)
 class _ChunkJob:
     """Tokenises one chunk of lines; runs in a worker process (or here with one worker)."""
 
-    tokenizer: Any
-    json_key: str
+    lines: "_LineFormat"
     skip_bad_lines: bool
     dtype: Any
 
     def __call__(self, task: _Task) -> _ChunkResult:
-        tokenize, eod, key = self.tokenizer.tokenize, self.tokenizer.eod_id, self.json_key
+        documents, eod = self.lines.documents, self.lines.tokenizer.eod_id
         # ids go straight into a C array of the output dtype: no big list of Python ints, and
         # the main process receives bytes to write, not objects to convert
         flat = array.array(_ARRAY_TYPECODES[np.dtype(self.dtype)])
         lengths: List[int] = []
         bad: List[Tuple[int, str]] = []
         skipped, out_of_range = 0, None
+        counts = dict.fromkeys(self.lines.counts, 0)
         for offset, line in enumerate(task.data.split(b"\n")):
             if not line or line.isspace():
                 continue
-            text = _text_of(line, key)
-            if not isinstance(text, str):
+            try:
+                docs = documents(line, counts)
+            except _BadLine as e:
                 skipped += 1
                 if len(bad) < _MAX_REPORTED_BAD_LINES:
-                    bad.append((task.first_line + offset, text[0]))
+                    bad.append((task.first_line + offset, e.args[0]))
                 if not self.skip_bad_lines:
                     break
                 continue
-            ids = tokenize(text)
-            try:
-                flat.fromlist(ids if type(ids) is list else list(ids))
-                flat.append(eod)
-            except OverflowError:  # an id that does not fit the dtype: certainly out of range
-                limits = np.iinfo(self.dtype)
-                out_of_range = next(i for i in [*ids, eod] if not limits.min <= i <= limits.max)
+            for ids in docs:
+                try:
+                    flat.fromlist(ids if type(ids) is list else list(ids))
+                    flat.append(eod)
+                except OverflowError:  # an id that does not fit the dtype: certainly out of range
+                    limits = np.iinfo(self.dtype)
+                    out_of_range = next(i for i in [*ids, eod]
+                                        if not limits.min <= i <= limits.max)
+                    break
+                lengths.append(len(ids) + 1)
+            if out_of_range is not None:
                 break
-            lengths.append(len(ids) + 1)
         tokens = np.frombuffer(flat, dtype=self.dtype)
         if out_of_range is None and len(tokens):
             low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.tokenizer.vocab_size:
+            if low < 0 or high >= self.lines.tokenizer.vocab_size:
                 out_of_range = low if low < 0 else high
         return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
-                            out_of_range)
+                            out_of_range, counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Line formats: what one input line holds, per kind of dataset. A new kind is a class with the
+# attributes and methods of _TextLines, registered in _LINE_FORMATS (and named in KINDS).
+
+
+class _BadLine(Exception):
+    """A line its format cannot use; the one argument says why (for ``file:line: why``)."""
+
+
+@dataclass(frozen=True)
+class _TextLines:
+    """``text``: the string under ``json_key`` is one document, tokenised as ordinary text."""
+
+    tokenizer: Any
+    json_key: str = "text"
+    kind: ClassVar[str] = "text"
+    counts: ClassVar[Tuple[str, ...]] = ()  # names of the per-run counts recorded in the meta
+
+    @property
+    def rule(self) -> str:
+        """What a line must be, and the fixes, for a bad line's error."""
+        return (f"each line must be a JSON object with a string under {self.json_key!r}: fix "
+                "the line, choose the key with --json-key, or pass --skip-bad-lines to skip "
+                "such lines")
+
+    def check(self) -> None:
+        """Refuse settings or a tokenizer this format cannot use (PreprocessError)."""
+        if not isinstance(self.json_key, str) or not self.json_key:
+            raise PreprocessError(f"json key {self.json_key!r} must be a non-empty string; fix "
+                                  "--json-key")
+
+    def meta(self) -> Dict[str, Any]:
+        """Fields of the dataset's meta particular to this format."""
+        return {"json_key": self.json_key}
+
+    def documents(self, line: bytes, counts: Dict[str, int]) -> List[List[int]]:
+        """The token ids of the line's documents (without eod); adds to ``counts``.
+
+        Raises:
+            _BadLine: the line is not what this format expects.
+        """
+        text = _text_of(line, self.json_key)
+        if not isinstance(text, str):
+            raise _BadLine(text[0])
+        return [self.tokenizer.tokenize(text)]
+
+
+@dataclass(frozen=True)
+class _ChatLines:
+    """``chat``: a conversation, rendered in Phi-4's chat format (megaphi.data.chat)."""
+
+    tokenizer: Any
+    kind: ClassVar[str] = "chat"
+    counts: ClassVar[Tuple[str, ...]] = ("assistant_tokens",)
+
+    @property
+    def rule(self) -> str:
+        return (f"each line must be a JSON object {CONVERSATION_FORMAT}: fix the line or pass "
+                "--skip-bad-lines to skip such lines")
+
+    def check(self) -> None:
+        if not hasattr(self.tokenizer, "encode"):
+            raise PreprocessError(f"tokenizer {self.tokenizer!r} has no 'encode', which chat "
+                                  "needs for its special tokens; use one from "
+                                  "megaphi.data.tokenizer.load_tokenizer")
+        try:
+            chat_token_ids(self.tokenizer)
+        except ChatFormatError as e:
+            raise PreprocessError(str(e)) from None
+
+    def meta(self) -> Dict[str, Any]:
+        return {}
+
+    def documents(self, line: bytes, counts: Dict[str, int]) -> List[List[int]]:
+        try:
+            messages = parse_conversation(_json_of(line))
+        except ChatFormatError as e:
+            raise _BadLine(e.reason) from None
+        ids, mask = render_chat(messages, self.tokenizer)
+        counts["assistant_tokens"] += sum(mask)
+        return [ids]
+
+
+_LineFormat = Union[_TextLines, _ChatLines]
+_LINE_FORMATS = {"text": _TextLines, "chat": _ChatLines}
+assert tuple(_LINE_FORMATS) == KINDS
+
+
+def _line_format(format: str, tokenizer: Any, json_key: Optional[str]) -> _LineFormat:
+    """The line format of :func:`preprocess`'s ``format``, checking that the arguments fit it."""
+    if format not in _LINE_FORMATS:
+        raise PreprocessError(f"unknown format {format!r}; formats are {', '.join(KINDS)}: fix "
+                              "--format")
+    if format == "text":
+        return _TextLines(tokenizer, "text" if json_key is None else json_key)
+    if json_key is not None:
+        raise PreprocessError(f"a json key ({json_key!r}) applies to format 'text' only; "
+                              f"{format} lines are read whole: drop --json-key")
+    return _LINE_FORMATS[format](tokenizer)
+
+
+def _json_of(line: bytes) -> Any:
+    """The line's JSON value; raises _BadLine if it is not JSON (or not UTF-8)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise _BadLine(f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") \
+            from None
 
 
 def _text_of(line: bytes, key: str):
     """The line's text, or a 1-tuple holding why the line is bad."""
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return (f"invalid JSON ({e.msg} at column {e.colno})",)
-    except UnicodeDecodeError as e:
-        return (f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",)
+        obj = _json_of(line)
+    except _BadLine as e:
+        return (e.args[0],)
     if not isinstance(obj, dict):
         return (f"the line is {_JSON_TYPE_NAMES.get(type(obj), 'not an object')}, "
                 "not a JSON object",)

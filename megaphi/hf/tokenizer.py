@@ -24,15 +24,13 @@ import json
 from pathlib import Path
 from typing import Dict
 
+# Phi-4's chat template is written once, with the renderer it matches (megaphi.data.chat);
+# it stays importable from here.
+from megaphi.data.chat import PHI4_CHAT_TEMPLATE
 from megaphi.data.tokenizer import PHI4_VOCAB_SIZE, Phi4Tokenizer, phi4_special_tokens
 
-# Phi-4's chat template (shared/PHI4.md): ChatML with <|im_sep|>, no newlines between turns.
-PHI4_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
-)
+__all__ = ["PHI4_CHAT_TEMPLATE", "build_phi4_tokenizer", "phi4_tokenizer_fits",
+           "write_phi4_tokenizer"]
 
 
 def _bytes_to_unicode() -> Dict[int, str]:
