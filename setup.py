@@ -37,10 +37,11 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # CPU-only pipelines run without a GPU,
         "hf": HF,
-        "test": ["pytest>=8", "pytest-timeout>=2.3", *HF],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF],
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",
         "megaphi-generate=megaphi.generate:main",
+        "megaphi-eval=megaphi.eval:main",
     ]},
 )

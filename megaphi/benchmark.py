@@ -121,6 +121,7 @@ def run_megaphi(cfg: MegaphiConfig, rt, use_te: bool, precision: str, warmup: in
 
     from megaphi.model.builder import build_model
     from megaphi.model.init import initialize_weights
+    from megaphi.phases import get_phase
     from megaphi.training.metrics import MetricsWriter
     from megaphi.training.optim import build_optimizer, build_scheduler
     from megaphi.training.step import lm_batch, wrap_for_training
@@ -131,7 +132,7 @@ def run_megaphi(cfg: MegaphiConfig, rt, use_te: bool, precision: str, warmup: in
     chunks = wrap_for_training(chunks, distributed_optimizer=cfg.optimizer.distributed)
     optimizer = build_optimizer(cfg, chunks)
     trainer = Trainer(cfg, rt, chunks, optimizer, build_scheduler(cfg, optimizer),
-                      MetricsWriter("", False, enabled=False))
+                      MetricsWriter("", False, enabled=False), get_phase(cfg))
     try:
         per_rank = cfg.train.global_batch_size // rt.dp
         sequences = _random_sequences(cfg, cfg.train.global_batch_size, cfg.train.seed)
@@ -246,3 +247,73 @@ def format_table(measurements: List[Measurement]) -> str:
 
 def to_json(measurements: List[Measurement]) -> str:
     return json.dumps([dataclasses.asdict(m) for m in measurements], indent=2)
+
+
+@dataclass
+class SFTMeasurement:
+    """One timed SFT configuration (packed or padded rows of the same chat data)."""
+
+    name: str
+    seq_length: int
+    global_batch: int
+    rows_per_epoch: int
+    pack_efficiency: float
+    step_time_s: float
+    real_tokens_per_s: float
+    real_tokens_per_s_per_gpu: float
+    row_tokens_per_s: float
+    loss: float
+
+
+def run_sft(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int) -> SFTMeasurement:
+    """Time ``steps`` SFT steps of the real trainer (``phase.name=sft``) on the chat dataset
+    ``prefix`` after ``warmup`` untimed ones; ``data.packing`` decides packed or padded rows.
+    Real tokens are the positions that hold a conversation token (padding excluded)."""
+    from megatron.core import parallel_state as ps
+
+    from megaphi.data.loader import build_loader
+    from megaphi.data.packing import ChatSegments, PackedRows
+    from megaphi.data.tokenizer import load_tokenizer
+    from megaphi.model.builder import build_model
+    from megaphi.model.init import initialize_weights
+    from megaphi.phases.sft import SFTPhase
+    from megaphi.training.metrics import MetricsWriter
+    from megaphi.training.optim import build_optimizer, build_scheduler
+    from megaphi.training.step import wrap_for_training
+    from megaphi.training.trainer import Trainer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    t, seq = cfg.train, cfg.model.seq_length
+    rows = PackedRows(ChatSegments(prefix, tokenizer, seq, cfg.data.overlong == "truncate"),
+                      seq, seed=t.seed, num_samples=(warmup + steps) * t.global_batch_size,
+                      packing=cfg.data.packing, pad_id=tokenizer.pad_id)
+    loader = iter(build_loader(rows, 0, t.micro_batch_size, ps.get_data_parallel_rank(), rt.dp,
+                               num_workers=cfg.data.num_workers))
+    chunks = build_model(cfg)
+    initialize_weights(chunks, cfg.model, seed=t.seed)
+    chunks = wrap_for_training(chunks, distributed_optimizer=cfg.optimizer.distributed)
+    optimizer = build_optimizer(cfg, chunks)
+    trainer = Trainer(cfg, rt, chunks, optimizer, build_scheduler(cfg, optimizer),
+                      MetricsWriter("", False, enabled=False), SFTPhase(cfg))
+    batches = [[trainer._to_device(next(loader)) for _ in range(trainer.num_microbatches)]
+               for _ in range(warmup + steps)]  # loaded up front: the loop times steps only
+    try:
+        for micro in batches[:warmup]:
+            trainer.step(micro)
+        _sync(rt.device)
+        start, real = time.perf_counter(), 0
+        for micro in batches[warmup:]:
+            result = trainer.step(micro)
+            real += result.data_tokens
+        _sync(rt.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        trainer.preemption.restore()
+    del trainer, optimizer, chunks
+    gc.collect()
+    return SFTMeasurement(
+        name="packed" if cfg.data.packing else "padded", seq_length=seq,
+        global_batch=t.global_batch_size, rows_per_epoch=rows.stats.rows,
+        pack_efficiency=rows.stats.efficiency(seq), step_time_s=elapsed / steps,
+        real_tokens_per_s=real / elapsed, real_tokens_per_s_per_gpu=real / elapsed / rt.world_size,
+        row_tokens_per_s=steps * t.global_batch_size * seq / elapsed, loss=result.loss)

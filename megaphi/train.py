@@ -73,13 +73,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.dry_run:
         print(dry_run_report(cfg))
         return 0
-    from megaphi.data.mixture import MixtureError
-    from megaphi.training.checkpoint import CheckpointNotFound
-    from megaphi.training.trainer import NonFiniteError, run_training
+    from megaphi.phases.run import main_errors, run_training
 
     try:
         run_training(cfg)
-    except (ConfigError, MixtureError, NonFiniteError, CheckpointNotFound) as exc:
+    except main_errors() as exc:
         print(f"megaphi-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ from megaphi.platform import quiet_megatron_warnings  # noqa: E402
 quiet_megatron_warnings()  # before any test module imports Megatron-Core
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "sample"
+CHAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "chat"
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,39 @@ def sample_mixture(tmp_path_factory):
                     "  code: {weight: 0.6, prefixes: [code]}\n"
                     "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_mixture(tmp_path_factory):
+    """The shipped Python-FAQ chat sample (examples/data/chat), preprocessed with the real
+    pipeline (--format chat), as a mixture with train and valid blends."""
+    from megaphi.data.preprocess import preprocess
+    from megaphi.data.tokenizer import Phi4Tokenizer
+
+    tmp = tmp_path_factory.mktemp("chat")
+    for split in ("train", "valid"):
+        preprocess([str(CHAT / f"faq_{split}.jsonl")], str(tmp / f"faq_{split}"),
+                   Phi4Tokenizer(), workers=1, format="chat")
+    path = tmp / "mix.yaml"
+    path.write_text("train:\n  faq: {weight: 1.0, prefixes: [faq_train]}\n"
+                    "valid:\n  faq: {weight: 1.0, prefixes: [faq_valid]}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(sample_mixture, tmp_path_factory):
+    """A briefly pre-trained tiny model (TP=1, 8 steps at 128 tokens): the starting point
+    of post-training tests."""
+    from distributed import megaphi_train
+
+    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
+    proc = megaphi_train(1, f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
+                         "train.iters=8", "model.seq_length=128", "train.micro_batch_size=4",
+                         "train.global_batch_size=4", "schedule.warmup_iters=2",
+                         "optimizer.lr=2e-3", "data.num_workers=0", "logging.tensorboard=false",
+                         "train.log_interval=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
 
 
 def pytest_collection_modifyitems(config, items):

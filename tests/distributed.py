@@ -47,3 +47,13 @@ def logged_losses(run_dir: Path) -> list:
     """The training losses a run logged in ``metrics.jsonl`` (validation records skipped)."""
     records = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
     return [r["loss"] for r in records if "loss" in r]
+
+
+def eval_json(nproc: int, ckpt, data, *overrides) -> dict:
+    """``megaphi-eval --json`` under torchrun; its last output line."""
+    cmd = torchrun(nproc, "-m", "megaphi.eval", "--ckpt", ckpt, "--data", data, "--json",
+                   *overrides)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

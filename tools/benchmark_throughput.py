@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        from megaphi.training.trainer import check_batch_layout
+        from megaphi.phases.run import check_batch_layout
 
         check_batch_layout(cfg, rt.dp)
         results = [run_megaphi(cfg, rt, use_te, args.precision, args.warmup, args.steps)]

@@ -257,6 +257,13 @@ class DataConfig:
     """Where dataset index caches are written (default: under the run directory)."""
     num_workers: int = 2
     """DataLoader worker processes per rank."""
+    packing: bool = True
+    """Chat data (SFT): pack whole conversations into rows of ``model.seq_length`` tokens, with
+    attention kept inside each conversation and positions restarting at 0 for each. ``false``
+    puts one conversation per row, padded (for comparison; much slower)."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """Chat data (SFT): what to do with a conversation longer than ``model.seq_length``:
+    ``drop`` it (counted in the log) or ``truncate`` it to the row."""
 
     _section: ClassVar[str] = "data"
 
@@ -359,6 +366,15 @@ class PhaseConfig:
     """Which stage of the recipe this run is; the phase decides the dataset and the loss."""
 
     name: Literal["pretrain", "midtrain", "sft", "dpo"] = "pretrain"
+    """``pretrain`` and ``midtrain``: next-token loss on every token of text datasets. ``sft``:
+    loss on the assistant tokens of chat datasets, packed. ``dpo``: preference pairs. Every
+    phase but ``pretrain`` continues a checkpoint (``checkpoint.load``)."""
+
+    CONTINUES: ClassVar[dict] = {
+        "midtrain": "mid-training continues a pre-training checkpoint",
+        "sft": "SFT fine-tunes a pre-trained (or mid-trained) checkpoint",
+        "dpo": "DPO starts from an SFT checkpoint (the policy, and by default the reference)",
+    }
 
     _section: ClassVar[str] = "phase"
 
@@ -381,9 +397,11 @@ class MegaphiConfig:
     def __post_init__(self):
         self._check_layout()
         self._check_schedule()
-        _require(self.phase.name != "midtrain" or self.checkpoint.load is not None,
-                 "checkpoint.load", "mid-training continues a pre-training checkpoint, but none "
-                 "is given", "set checkpoint.load to the pre-training run's checkpoints directory")
+        continues = PhaseConfig.CONTINUES.get(self.phase.name)
+        _require(continues is None or self.checkpoint.load is not None, "checkpoint.load",
+                 f"phase.name={self.phase.name}: {continues}, but none is given",
+                 "set checkpoint.load to the previous phase's run directory (or its "
+                 "checkpoints/ or an iter_* directory)")
         _require(self.checkpoint.load is not None or not self.checkpoint.load_optimizer,
                  "checkpoint.load_optimizer", "there is no checkpoint.load to take it from",
                  "set checkpoint.load or checkpoint.load_optimizer=false")

@@ -115,6 +115,10 @@ def transformer_config(cfg: MegaphiConfig, use_te: bool, on_gpu: bool):
         apply_rope_fusion=use_te and m.rope_scaling != "yarn",
         gradient_accumulation_fusion=use_te,
         cross_entropy_loss_fusion=on_gpu,
+        # The loss of a step is the sum of per-token losses over the global batch divided by
+        # the number of loss tokens (pairs, for DPO): loss functions return (sum, count,
+        # report), and finalize_model_grads divides the summed gradients by the total count.
+        calculate_per_token_loss=True,
         deallocate_pipeline_outputs=True,
         # Interleaved schedules exchange activations and gradients with the same peer when
         # pp=2, and the batched p2p path can match the two same-shaped messages in the wrong
@@ -224,6 +228,8 @@ def build_model(cfg: MegaphiConfig, use_te: Optional[bool] = None,
                 **rope_arguments(cfg.model),
                 vp_stage=vp_stage,
             ))
+    for chunk in chunks:  # how packed rows reach attention (megaphi.model.packed)
+        chunk.packed_format = "thd" if use_te else "mask"
     if device is None and on_gpu:
         for chunk in chunks:
             chunk.cuda(torch.cuda.current_device())

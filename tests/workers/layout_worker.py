@@ -49,6 +49,7 @@ def main():
     from megaphi.model.builder import build_model
     from megaphi.model.init import initialize_weights
     from megaphi.model.partition import gather_full
+    from megaphi.phases.lm import token_forward_step
     from megaphi.training.step import forward_backward, lm_batch, wrap_for_training
 
     cfg = load_config("tiny", overrides=[f"model.seq_length={SEQ}", "precision.dtype=fp32",
@@ -73,15 +74,15 @@ def main():
     mine = sequences[ps.get_data_parallel_rank() * per_dp:][:per_dp]
     micro = [lm_batch(mine[i:i + MICRO_BATCH], rt.device) for i in range(0, per_dp, MICRO_BATCH)]
     losses = forward_backward(chunks, micro, num_microbatches=len(micro), seq_length=seq,
-                              micro_batch_size=MICRO_BATCH, forward_only=args.forward_only)
+                              micro_batch_size=MICRO_BATCH, forward_step_func=token_forward_step,
+                              forward_only=args.forward_only)
 
-    # The loss lives on the last pipeline stage; average it over data-parallel replicas.
-    loss = torch.zeros(1, dtype=torch.float64)
-    if losses:
-        loss[0] = torch.stack([x["lm loss"] for x in losses]).double().mean().cpu()
-        dist.all_reduce(loss, group=ps.get_data_parallel_group())
-        loss /= rt.dp
-    dist.all_reduce(loss, op=dist.ReduceOp.MAX)  # one last-stage value, shared with rank 0
+    # The loss lives on the last pipeline stage: token-weighted over data-parallel replicas.
+    totals = torch.zeros(2, dtype=torch.float64)
+    if losses and ps.get_tensor_model_parallel_rank() == 0:
+        totals += torch.stack([x["loss"] for x in losses]).sum(0).cpu()
+    dist.all_reduce(totals)  # one copy per data-parallel rank, shared with rank 0
+    loss = totals[:1] / totals[1]
     weights = gather_full(chunks)
     grads = None if args.forward_only else gather_full(chunks, grads=True)
     if rt.rank == 0:

@@ -26,6 +26,7 @@ def main():
     from megaphi.training.metrics import MetricsWriter
     from megaphi.training.optim import build_optimizer, build_scheduler
     from megaphi.training.step import lm_batch, wrap_for_training
+    from megaphi.phases import get_phase
     from megaphi.training.trainer import NonFiniteError, Trainer
 
     cfg = load_config("tiny", overrides=["model.seq_length=32", "train.micro_batch_size=2",
@@ -37,7 +38,7 @@ def main():
     chunks = wrap_for_training(chunks)
     optimizer = build_optimizer(cfg, chunks)
     trainer = Trainer(cfg, rt, chunks, optimizer, build_scheduler(cfg, optimizer),
-                      MetricsWriter("", False, enabled=False))
+                      MetricsWriter("", False, enabled=False), get_phase(cfg))
     gen = torch.Generator().manual_seed(0)
     param = dict(chunks[0].module.named_parameters())["decoder.layers.0.mlp.linear_fc1.weight"]
     poison = {"on": False}

@@ -1,0 +1,186 @@
+"""``megaphi-eval``: the token-weighted mean loss of a checkpoint over every document of an
+indexed dataset, exactly once (``python -m megaphi.eval`` works too).
+
+    megaphi-eval --ckpt runs/sft --data data/chat_valid --json
+    torchrun --nproc-per-node 2 -m megaphi.eval --ckpt runs/sft --data data/chat_valid \\
+        --json parallel.tp=2
+
+The model is the checkpoint's (its saved config), at the layout given by ``key=value``
+overrides (``parallel.tp=2``, ``parallel.pp=2``; data parallelism is what remains of the world
+size); the weights load at any layout. What gets loss depends on the dataset's kind:
+
+- chat (``--format chat``): every assistant token and its closing ``<|im_end|>``, as in SFT.
+  Conversations are packed into rows of ``model.seq_length`` (attention stays inside each
+  conversation); one longer than a row is dropped and counted, or cut with
+  ``data.overlong=truncate``.
+- text: every token but each document's first, in windows of ``model.seq_length + 1`` tokens
+  that overlap by one, packed the same way.
+
+The loss is the sum of per-token losses over all loss tokens divided by their number. With
+``--json`` the last line of output is one JSON object: ``loss``, ``tokens`` (loss tokens),
+``documents``, ``dropped``, ``rows``, ``pack_efficiency``, ``kind``, ``layout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("megaphi.eval")
+
+PROG = "megaphi-eval"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        epilog="examples:\n  megaphi-eval --ckpt runs/sft --data data/chat_valid --json\n"
+               "  torchrun --nproc-per-node 2 -m megaphi.eval --ckpt runs/sft --data "
+               "data/chat_valid --json parallel.tp=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, metavar="CKPT",
+                        help="a run directory, its checkpoints/ directory or one iter_* "
+                             "directory")
+    parser.add_argument("--data", required=True, metavar="PREFIX",
+                        help="an indexed dataset (PREFIX.bin/.idx/.meta.json) of text or chat")
+    parser.add_argument("--json", action="store_true",
+                        help="end the output with one JSON line of the results")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the checkpoint's config, e.g. parallel.tp=2 "
+                             "train.micro_batch_size=4 model.seq_length=2048")
+    return parser
+
+
+def eval_config(iter_dir: Path, overrides: List[str]):
+    """The checkpoint's config with ``overrides`` applied (validated again)."""
+    from megaphi.config.loader import apply_overrides, from_dict
+    from megaphi.config.schema import MegaphiConfig
+    from megaphi.inference import checkpoint_config
+
+    raw = apply_overrides(checkpoint_config(iter_dir).to_dict(), overrides)
+    return from_dict(MegaphiConfig, raw)
+
+
+def _empty_row(seq_length: int, pad_id: int) -> dict:
+    return {"tokens": torch.full((seq_length,), pad_id), "labels": torch.full((seq_length,), pad_id),
+            "loss_mask": torch.zeros(seq_length), "position_ids": torch.arange(seq_length),
+            "seq_ids": torch.full((seq_length,), -1)}
+
+
+def _micro_batches(rows, cfg, dp_rank: int, dp: int, device, pad_id: int):
+    """This data-parallel rank's micro-batches covering every row once; rows past the end are
+    empty (no loss), so every rank runs the same number of micro-batches."""
+    mbs, s = cfg.train.micro_batch_size, cfg.model.seq_length
+    per_step = mbs * dp
+    steps = -(-len(rows) // per_step)
+    for step in range(steps):
+        first = step * per_step + dp_rank * mbs
+        items = [rows[i] if i < len(rows) else _empty_row(s, pad_id)
+                 for i in range(first, first + mbs)]
+        yield {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def evaluate(cfg, rt, iter_dir: Path, prefix: str) -> dict:
+    """Run the evaluation in the initialised runtime ``rt``; the result is known on every
+    rank."""
+    from megatron.core import parallel_state as ps
+
+    from megaphi.data.packing import ChatSegments, PackedRows, TextSegments
+    from megaphi.data.preprocess import dataset_kind, read_meta
+    from megaphi.data.datasets import check_datasets_tokenizer
+    from megaphi.data.tokenizer import load_tokenizer
+    from megaphi.model.builder import build_model
+    from megaphi.phases.lm import packed_shape, token_forward_step
+    from megaphi.training.checkpoint import load_checkpoint
+    from megaphi.training.step import forward_backward
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_datasets_tokenizer([prefix], tokenizer, cfg.model.vocab_size)
+    kind, seq = dataset_kind(prefix), cfg.model.seq_length
+    if kind == "chat":
+        segments = ChatSegments(prefix, tokenizer, seq, truncate=cfg.data.overlong == "truncate")
+    elif kind == "text":
+        segments = TextSegments(prefix, seq)
+    else:
+        from megaphi.config.schema import ConfigError
+
+        raise ConfigError("--data", f"{prefix} holds {kind} data", "pass a text or chat dataset")
+    rows = PackedRows(segments, seq, seed=cfg.train.seed, packing=cfg.data.packing,
+                      pad_id=tokenizer.pad_id, shuffle=False)
+    logger.info("%s", rows.describe())
+
+    chunks = build_model(cfg)
+    layout = {"tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp, "cp": rt.cp, "dp": rt.dp}
+    load_checkpoint(iter_dir, chunks, None, None, layout, load_optimizer=False)
+    for chunk in chunks:
+        chunk.eval()
+    micro = list(_micro_batches(rows, cfg, ps.get_data_parallel_rank(), rt.dp, rt.device,
+                                tokenizer.pad_id))
+    seq_shape, mbs_shape = packed_shape(cfg, chunks)
+    totals = torch.zeros(2, dtype=torch.float64)
+    start, group = time.perf_counter(), 16
+    with torch.no_grad():
+        for i in range(0, len(micro), group):
+            part = micro[i:i + group]
+            reports = forward_backward(chunks, part, len(part), seq_length=seq_shape,
+                                       micro_batch_size=mbs_shape,
+                                       forward_step_func=token_forward_step, forward_only=True)
+            if reports and ps.get_tensor_model_parallel_rank() == 0:
+                totals += torch.stack([r["loss"].double().cpu() for r in reports]).sum(0)
+            logger.info("evaluated %d of %d micro-batches (%.1f rows/s)", i + len(part),
+                        len(micro), (i + len(part)) * cfg.train.micro_batch_size * rt.dp
+                        / max(time.perf_counter() - start, 1e-9))
+    totals = totals.to(rt.device)
+    dist.all_reduce(totals)  # one copy per data-parallel rank, from the last pipeline stage
+    loss_sum, tokens = totals.cpu().tolist()
+    st = rows.stats
+    return {"loss": loss_sum / tokens if tokens else float("nan"), "tokens": int(tokens),
+            "documents": int(read_meta(prefix)["documents"]), "segments": st.segments,
+            "dropped": st.dropped, "rows": len(rows),
+            "pack_efficiency": st.efficiency(seq), "kind": kind, "checkpoint": str(iter_dir),
+            "data": prefix, "layout": layout}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megaphi.config.schema import ConfigError
+    from megaphi.data.preprocess import PreprocessError
+    from megaphi.platform import configure_logging, init_runtime, read_launch_env, shutdown_runtime
+    from megaphi.training.checkpoint import CheckpointNotFound, resolve_checkpoint
+
+    configure_logging("INFO", rank=read_launch_env().rank)
+    try:
+        iter_dir = resolve_checkpoint(args.ckpt)
+        cfg = eval_config(iter_dir, args.overrides)
+        from megaphi.data.preprocess import dataset_kind
+
+        dataset_kind(args.data)  # the dataset exists and is complete, before process groups
+    except (ConfigError, CheckpointNotFound, PreprocessError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rt = init_runtime(cfg.parallel, seed=cfg.train.seed)
+        result = evaluate(cfg, rt, iter_dir, args.data)
+    except (ConfigError, PreprocessError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_runtime()
+    if rt.is_main:
+        logger.info("loss %.6f over %d loss tokens of %d documents (%d dropped)", result["loss"],
+                    result["tokens"], result["documents"], result["dropped"])
+        if args.json:
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
