@@ -41,7 +41,11 @@ PROG = "megaphi-eval"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        prog=PROG,
+        description="Compute the token-weighted mean loss of a checkpoint over every document "
+                    "of an indexed dataset, exactly once: the assistant tokens of chat data, "
+                    "every token of text. The model is the checkpoint's, at the layout that "
+                    "key=value overrides give (launch with torchrun for several processes).",
         epilog="examples:\n  megaphi-eval --ckpt runs/sft --data data/chat_valid --json\n"
                "  torchrun --nproc-per-node 2 -m megaphi.eval --ckpt runs/sft --data "
                "data/chat_valid --json parallel.tp=2",

@@ -67,6 +67,29 @@ def test_packed_rows_restart_positions_and_mask_only_assistant_tokens(chat_mixtu
     assert rows.stats.efficiency(1024) > 0.95
 
 
+def test_text_windows_predict_every_token_but_each_documents_first_once(sample_mixture):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megaphi.data.packing import PackedRows, TextSegments
+
+    prefix = str(sample_mixture.parent / "web")
+    docs = IndexedDataset(prefix)
+    windows = TextSegments(prefix, 512)
+    assert windows.sizes.sum() == docs.sequence_lengths.sum() - len(docs)
+    rows = PackedRows(windows, 512, seed=0, shuffle=False)  # one epoch, as megaphi-eval reads
+    labels = {}
+    for i in range(len(rows)):
+        row = rows[i]
+        for j, k in enumerate(rows.row_segments(i).tolist()):
+            doc, start = windows.windows[:, k].tolist()
+            at = row["seq_ids"] == j
+            labels[(doc, start)] = row["labels"][at].tolist()
+            assert row["loss_mask"][at].all()
+    for doc in (0, 7, len(docs) - 1):
+        got = [t for (d, s), ids in sorted(labels.items()) if d == doc for t in ids]
+        assert got == docs[doc].tolist()[1:]
+
+
 def test_sft_mixture_blends_chat_datasets_by_weight(chat_mixture):
     from megaphi.data.packing import BlendedRows, ChatSegments, build_packed_rows
     from megaphi.data.tokenizer import Phi4Tokenizer
