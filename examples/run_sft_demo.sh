@@ -18,5 +18,5 @@ $PY -m torch.distributed.run --nproc-per-node 2 -m megaphi.train --config exampl
 for ckpt in runs/tiny-demo runs/tiny-sft; do
   echo "assistant-token loss of the held-out conversations, $ckpt:"
   .venv/bin/megaphi-eval --ckpt "$ckpt" --data examples/data/chat/faq_valid --json \
-    model.seq_length=512 data.overlong=truncate 2>/dev/null | tail -1
+    model.seq_length=512 data.overlong=truncate 2>&1 | tail -1
 done

@@ -6,8 +6,8 @@ indexed dataset, exactly once (``python -m megaphi.eval`` works too).
         --json parallel.tp=2
 
 The model is the checkpoint's (its saved config), at the layout given by ``key=value``
-overrides (``parallel.tp=2``, ``parallel.pp=2``; data parallelism is what remains of the world
-size); the weights load at any layout. What gets loss depends on the dataset's kind:
+overrides (``parallel.tp=2``, ``parallel.pp=2``; by default tp=pp=1, and data parallelism is
+what remains of the world size), whatever layout it was saved at. What gets loss depends on the dataset's kind:
 
 - chat (``--format chat``): every assistant token and its closing ``<|im_end|>``, as in SFT.
   Conversations are packed into rows of ``model.seq_length`` (attention stays inside each
@@ -24,6 +24,7 @@ The loss is the sum of per-token losses over all loss tokens divided by their nu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -64,12 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_config(iter_dir: Path, overrides: List[str]):
-    """The checkpoint's config with ``overrides`` applied (validated again)."""
+    """The checkpoint's config with ``overrides`` applied (validated again). The layout does
+    not come from the checkpoint: it is the whole model per process (tp=pp=cp=1, data
+    parallelism over the world) unless ``parallel.*`` overrides say otherwise."""
     from megaphi.config.loader import apply_overrides, from_dict
-    from megaphi.config.schema import MegaphiConfig
+    from megaphi.config.schema import MegaphiConfig, ParallelConfig
     from megaphi.inference import checkpoint_config
 
-    raw = apply_overrides(checkpoint_config(iter_dir).to_dict(), overrides)
+    raw = checkpoint_config(iter_dir).to_dict()
+    raw["parallel"] = dataclasses.asdict(ParallelConfig())
+    raw = apply_overrides(raw, overrides)
     return from_dict(MegaphiConfig, raw)
 
 

@@ -59,7 +59,7 @@ def test_sft_resume_is_bitwise_exact(sft_straight, tiny_pretrained, chat_mixture
 def test_sft_checkpoint_saved_at_tp2_loads_at_tp1(sft_straight, chat_mixture):
     valid = chat_mixture.parent / "faq_valid"
     at_tp2 = eval_json(2, sft_straight, valid, "parallel.tp=2")
-    at_tp1 = eval_json(1, sft_straight, valid, "parallel.tp=1")
+    at_tp1 = eval_json(1, sft_straight, valid)  # default layout: the whole model, tp=1
     assert at_tp1["layout"]["tp"] == 1 and at_tp2["layout"]["tp"] == 2
     assert at_tp1["tokens"] == at_tp2["tokens"] > 0
     assert at_tp1["loss"] == pytest.approx(at_tp2["loss"], rel=1e-5)
