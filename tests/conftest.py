@@ -1,3 +1,5 @@
+import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ quiet_megatron_warnings()  # before any test module imports Megatron-Core
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "sample"
 CHAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "chat"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +65,28 @@ def tiny_pretrained(sample_mixture, tmp_path_factory):
                          "train.log_interval=4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
+
+
+@pytest.fixture
+def cli(capsys):
+    """tools/preprocess_data.py's main() in this process: (exit status, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location("preprocess_data_cli",
+                                                  REPO / "tools" / "preprocess_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(*args):
+        try:
+            module.main([*map(str, args), "--no-progress"])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield run
+    signal.signal(signal.SIGTERM, handler)  # main() makes SIGTERM raise KeyboardInterrupt
 
 
 def pytest_collection_modifyitems(config, items):

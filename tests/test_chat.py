@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -367,8 +366,8 @@ def test_chat_arguments_are_checked(tmp_path):
     with pytest.raises(PreprocessError, match="applies to format 'text' only"):
         preprocess(SAMPLE_FILES[1:], tmp_path / "ds", TOK, format="chat", json_key="text")
     with pytest.raises(PreprocessError,
-                       match="unknown format 'preference'; formats are text, chat"):
-        preprocess(SAMPLE_FILES[1:], tmp_path / "ds", TOK, format="preference")
+                       match="unknown format 'dpo'; formats are text, chat, preference"):
+        preprocess(SAMPLE_FILES[1:], tmp_path / "ds", TOK, format="dpo")
 
     class PlainTokenizer(Phi4Tokenizer):
         def encode(self, text):
@@ -391,28 +390,6 @@ BAD_LINES = {  # what goes on line 3, and what the error says about it
     "no_assistant": (json.dumps({"messages": [msg("user", "Q")]}),
                      "no assistant message: nothing to train on"),
 }
-
-
-@pytest.fixture
-def cli(capsys):
-    """tools/preprocess_data.py's main() in this process: (exit status, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("preprocess_data_cli",
-                                                  REPO / "tools" / "preprocess_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    handler = signal.getsignal(signal.SIGTERM)
-
-    def run(*args):
-        try:
-            module.main([*map(str, args), "--no-progress"])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield run
-    signal.signal(signal.SIGTERM, handler)  # main() makes SIGTERM raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LINES))

@@ -12,7 +12,7 @@ import sys
 import warnings
 
 PROG = "preprocess_data"
-FORMATS = ("text", "chat")  # megaphi.data.preprocess.KINDS (not imported: --help stays instant)
+FORMATS = ("text", "chat", "preference")  # preprocess.KINDS (not imported: fast --help)
 
 DESCRIPTION = """\
 Tokenise JSON-lines files (plain or gzip) into a Megatron-Core indexed dataset:
@@ -30,6 +30,17 @@ followed by the tokenizer's end-of-document token:
                            as plain text. The loss mask (assistant content and its <|im_end|>) is
                            recovered from the ids at training time; the meta records the number
                            of assistant tokens.
+  --format preference      a DPO pair, either full-length {"prompt": [messages ending with a user
+                           turn], "chosen": "...", "rejected": "..."} (chosen/rejected may be
+                           [{"role": "assistant", "content": "..."}], TRL's form) or a token pair
+                           from Pivotal Token Search {"prompt": [...], "prefix_ids": [ids],
+                           "chosen_token_id": id, "rejected_token_id": id} (ids are kept as
+                           they are, never re-tokenised; each must be in the vocabulary). One
+                           document per pair, no end-of-document token: 3 sequences (prompt +
+                           assistant header, chosen, rejected; a response is its content and
+                           <|im_end|>) or 2 (prompt + header + prefix_ids, [chosen, rejected]).
+                           Other fields ("id", "source", ...) go to PREFIX.extra.jsonl, one JSON
+                           object per pair. Read with megaphi.data.preference.PreferencePairs.
 
 Workers tokenise chunks of lines in parallel; the output does not depend on their number. Files
 are written under .tmp names and renamed on success, PREFIX.meta.json last, so a failed or
@@ -40,6 +51,7 @@ examples:
   %(prog)s --input data/web.jsonl.gz data/books.jsonl --output-prefix out/pretrain
   %(prog)s --input posts.jsonl --json-key content --skip-bad-lines --output-prefix out/posts
   %(prog)s --format chat --input examples/data/chat/faq_train.jsonl --output-prefix out/sft
+  %(prog)s --format preference --input pairs.jsonl --output-prefix out/dpo
   %(prog)s --merge out/part0 out/part1 --output-prefix out/all
 
 exit status: 0 on success, 2 on bad arguments or input (one 'error:' line), 1 on a
@@ -61,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "is created if missing)")
     tokenise = parser.add_argument_group("tokenising (with --input)")
     tokenise.add_argument("--format", default=None, choices=FORMATS,
-                          help="what each line holds: a document's text, or a conversation "
-                               "(see above; default: text)")
+                          help="what each line holds: a document's text, a conversation or a "
+                               "preference pair (see above; default: text)")
     tokenise.add_argument("--json-key", default=None, metavar="KEY",
                           help="key of the text in each JSON object (--format text only; "
                                "default: text)")
@@ -73,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokenising processes (default: one per CPU)")
     tokenise.add_argument("--skip-bad-lines", action="store_true",
                           help="skip and count bad lines (text: not a JSON object with a string "
-                               "under --json-key; chat: not a valid conversation) instead of "
-                               "stopping at the first one")
+                               "under --json-key; chat: not a valid conversation; preference: "
+                               "not a valid pair) instead of stopping at the first one")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -110,7 +122,7 @@ def main(argv=None) -> None:
         else:
             if args.format not in (None, "text") and args.json_key is not None:
                 fail(f"--json-key applies to --format text only; --format {args.format} reads "
-                     "each line's 'messages': drop --json-key")
+                     "each line whole: drop --json-key")
             try:
                 tokenizer = load_tokenizer(args.tokenizer or "phi4")
             except ValueError as e:  # the message names data.tokenizer; the flag is --tokenizer

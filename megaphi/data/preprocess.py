@@ -10,6 +10,11 @@ recorded as ``kind`` in the meta; see :data:`KINDS`):
   Phi-4's chat format by :func:`megaphi.data.chat.render_chat`; the loss mask is not stored, as
   :func:`megaphi.data.chat.loss_mask_from_ids` recovers it from the ids. The meta also records
   ``assistant_tokens``, the tokens that carry loss.
+* ``preference``: a DPO pair, full-length or token pair (:mod:`megaphi.data.preference`), stored
+  as one document of several sequences (3: prompt, chosen, rejected; 2: context, [chosen id,
+  rejected id]) with no end-of-document token; the line's other fields go, one JSON object per
+  pair, to the sidecar ``PREFIX.extra.jsonl``. The meta records ``pairs``, ``full_pairs`` and
+  ``token_pairs``.
 
 The result is ``PREFIX.bin`` + ``PREFIX.idx``, written with Megatron-Core's
 ``IndexedDatasetBuilder`` so ``IndexedDataset(PREFIX)`` reads it, and ``PREFIX.meta.json``, which
@@ -55,14 +60,21 @@ from megaphi.data.chat import (
     parse_conversation,
     render_chat,
 )
+from megaphi.data.preference import (
+    FULL,
+    PAIR_FORMAT,
+    extra_path,
+    pair_metadata,
+    parse_pair,
+)
 
 logger = logging.getLogger(__name__)
 
 META_FORMAT = "megaphi-indexed-v1"
-KINDS = ("text", "chat")
+KINDS = ("text", "chat", "preference")
 """Kinds of dataset (:func:`preprocess`'s ``format``, the meta's ``kind``): ``text`` documents for
-pre-training, ``chat`` conversations for SFT. A meta without ``kind`` (written before kinds
-existed) is ``text``."""
+pre-training, ``chat`` conversations for SFT, ``preference`` pairs for DPO. A meta without
+``kind`` (written before kinds existed) is ``text``."""
 DEFAULT_CHUNK_BYTES = 1 << 20
 """Bytes of input per chunk a worker tokenises: large enough that pickling and process hops
 cost next to nothing, small enough to keep workers evenly busy on a few MB of input."""
@@ -76,6 +88,9 @@ _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "
                     float: "a number", bool: "a boolean", type(None): "null"}
 
 PathLike = Union[str, os.PathLike]
+
+
+_DOCUMENT_NOUNS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
 
 
 class PreprocessError(ValueError):
@@ -106,10 +121,10 @@ class PreprocessResult:
     def summary(self) -> str:
         """One line for a person: documents, tokens, bytes, seconds and rates."""
         secs = max(self.seconds, 1e-9)
+        noun = _DOCUMENT_NOUNS.get(self.kind, "documents")
         counts = "".join(f" ({value:,} {name.replace('_', ' ')})"
-                         for name, value in self.counts.items())
-        line = (f"{self.documents:,} {'conversations' if self.kind == 'chat' else 'documents'}, "
-                f"{self.tokens:,} tokens{counts}, "
+                         for name, value in self.counts.items() if name != noun)
+        line = (f"{self.documents:,} {noun}, {self.tokens:,} tokens{counts}, "
                 f"{_human_bytes(self.bytes_written)} written to {self.prefix}.{{bin,idx}} in "
                 f"{self.seconds:.2f} s ({_human_rate(self.documents / secs)} docs/s, "
                 f"{_human_rate(self.tokens / secs)} tok/s)")
@@ -200,6 +215,9 @@ def preprocess(
             ``"text"``, a document's text under ``json_key``; ``"chat"``, a conversation
             (:func:`megaphi.data.chat.parse_conversation`), written as
             :func:`megaphi.data.chat.render_chat`'s ids.
+            ``"preference"``, a DPO pair (:func:`megaphi.data.preference.parse_pair`), written
+            as one document of 3 or 2 sequences without eod, its other fields to
+            ``PREFIX.extra.jsonl``.
         json_key: key of each line's text (text only; default ``"text"``).
         workers: tokenising processes; ``None`` means one per CPU, 1 tokenises in this process.
         skip_bad_lines: skip (and count) bad lines (text: not JSON objects with a string under
@@ -225,7 +243,7 @@ def preprocess(
                 os.fspath(output_prefix), described.get("name"), described.get("fingerprint"))
 
     bar = _LazyBar(total_bytes, progress, Path(output_prefix).name)
-    with AtomicDataset(output_prefix) as out, bar, contextlib.closing(
+    with AtomicDataset(output_prefix, extra=lines.sequences) as out, bar, contextlib.closing(
             _ordered_results(job, _chunks(inputs, chunk_bytes), workers)) as results:
         builder = out.builder(dtype)
         docs = tokens = skipped = 0
@@ -239,9 +257,16 @@ def preprocess(
                 counts[name] += value
             offsets = np.cumsum(result.lengths)
             begin = 0
-            for end, length in zip(offsets.tolist(), result.lengths.tolist()):
-                builder.add_document(result.tokens[begin:end], [length])
-                begin = end
+            if result.sequence_counts is None:  # one sequence per document
+                for end, length in zip(offsets.tolist(), result.lengths.tolist()):
+                    builder.add_document(result.tokens[begin:end], [length])
+                    begin = end
+            else:
+                seq_lengths, seq = result.sequence_lengths.tolist(), 0
+                for end, n_seqs in zip(offsets.tolist(), result.sequence_counts.tolist()):
+                    builder.add_document(result.tokens[begin:end], seq_lengths[seq:seq + n_seqs])
+                    begin, seq = end, seq + n_seqs
+                out.write_extra(result.extra)
             docs += len(result.lengths)
             tokens += len(result.tokens)
             bar.update(task.progress_bytes, docs, tokens, start)
@@ -261,8 +286,8 @@ def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
     """Concatenate datasets into ``output_prefix``, in order (``IndexedDatasetBuilder.add_index``).
 
     The result is what preprocessing the inputs of all of them in one run would give. Its meta
-    sums documents, tokens, skipped lines and the counts of the kind (chat: assistant tokens)
-    and lists every input file.
+    sums documents, tokens, skipped lines and the counts of the kind (chat: assistant tokens;
+    preference: pairs) and lists every input file; preference sidecars are concatenated.
 
     Raises:
         PreprocessError: a prefix is not a complete dataset, the datasets are of different kinds
@@ -277,13 +302,17 @@ def merge(prefixes: Sequence[PathLike], output_prefix: PathLike, *,
     dtype = _check_mergeable(prefixes, metas)
     start = time.perf_counter()
 
-    with AtomicDataset(output_prefix) as out, progress_bar(
+    kind = metas[0].get("kind", "text")
+    sequences = _LINE_FORMATS[kind].sequences
+    with AtomicDataset(output_prefix, extra=sequences) as out, progress_bar(
             len(prefixes), progress, Path(output_prefix).name, unit="dataset") as bar:
         builder = out.builder(dtype)
         for prefix in prefixes:
             builder.add_index(prefix)
+            if sequences:
+                with open(extra_path(prefix), "rb") as f:
+                    out.write_extra(f.read())
             bar.update(1)
-        kind = metas[0].get("kind", "text")
         counts = {name: sum(m.get(name, 0) for m in metas) for name in _LINE_FORMATS[kind].counts}
         meta = {"format": META_FORMAT, "kind": kind, "tokenizer": metas[0]["tokenizer"],
                 "documents": sum(m["documents"] for m in metas),
@@ -369,6 +398,9 @@ def _check_mergeable(prefixes: List[str], metas: List[dict]) -> Any:
         if not os.path.isfile(paths["bin"]):
             raise PreprocessError(f"{paths['bin']} does not exist though {paths['meta']} does; "
                                   f"preprocess {prefix} again")
+        if _LINE_FORMATS[first_kind].sequences and not os.path.isfile(extra_path(prefix)):
+            raise PreprocessError(f"{extra_path(prefix)} does not exist though {paths['meta']} "
+                                  f"does; preprocess {prefix} again")
         dtype, documents = _read_idx_header(paths["idx"])
         if documents != meta["documents"]:
             raise PreprocessError(f"{paths['idx']} holds {documents} documents but "
@@ -476,6 +508,10 @@ class _ChunkResult:
     bad_lines: List[Tuple[int, str]]  # (1-based line number, reason), the first few
     out_of_range: Optional[int]  # a token id outside the vocabulary, if any
     counts: Dict[str, int]  # the line format's counts over the chunk
+    # formats whose documents are several sequences (lines.sequences), else None and b"":
+    sequence_lengths: Optional[np.ndarray] = None  # [sequences in chunk], int64
+    sequence_counts: Optional[np.ndarray] = None  # [documents in chunk], sequences of each
+    extra: bytes = b""  # the sidecar's lines of the chunk's documents (JSON objects)
 
 
 @dataclass(frozen=True)
@@ -487,6 +523,8 @@ class _ChunkJob:
     dtype: Any
 
     def __call__(self, task: _Task) -> _ChunkResult:
+        if self.lines.sequences:
+            return self._sequences(task)
         documents, eod = self.lines.documents, self.lines.tokenizer.eod_id
         # ids go straight into a C array of the output dtype: no big list of Python ints, and
         # the main process receives bytes to write, not objects to convert
@@ -527,6 +565,45 @@ class _ChunkJob:
         return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
                             out_of_range, counts)
 
+    def _sequences(self, task: _Task) -> _ChunkResult:
+        """For formats whose documents are several sequences, with no eod, and a sidecar."""
+        flat = array.array(_ARRAY_TYPECODES[np.dtype(self.dtype)])
+        lengths: List[int] = []
+        seq_lengths: List[int] = []
+        seq_counts: List[int] = []
+        extra: List[bytes] = []
+        bad: List[Tuple[int, str]] = []
+        skipped = 0
+        counts = dict.fromkeys(self.lines.counts, 0)
+        for offset, line in enumerate(task.data.split(b"\n")):
+            if not line or line.isspace():
+                continue
+            try:
+                docs = self.lines.documents(line, counts)
+            except _BadLine as e:
+                skipped += 1
+                if len(bad) < _MAX_REPORTED_BAD_LINES:
+                    bad.append((task.first_line + offset, e.args[0]))
+                if not self.skip_bad_lines:
+                    break
+                continue
+            for sequences, metadata in docs:  # ids checked against the vocabulary already
+                for ids in sequences:
+                    flat.fromlist(ids)
+                    seq_lengths.append(len(ids))
+                seq_counts.append(len(sequences))
+                lengths.append(sum(map(len, sequences)))
+                extra.append(json.dumps(metadata, ensure_ascii=False).encode("utf-8") + b"\n")
+        tokens = np.frombuffer(flat, dtype=self.dtype)
+        out_of_range = None
+        if len(tokens):
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.lines.tokenizer.vocab_size:
+                out_of_range = low if low < 0 else high
+        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
+                            out_of_range, counts, np.asarray(seq_lengths, dtype=np.int64),
+                            np.asarray(seq_counts, dtype=np.int64), b"".join(extra))
+
 
 # ----------------------------------------------------------------------------------------------
 # Line formats: what one input line holds, per kind of dataset. A new kind is a class with the
@@ -545,6 +622,10 @@ class _TextLines:
     json_key: str = "text"
     kind: ClassVar[str] = "text"
     counts: ClassVar[Tuple[str, ...]] = ()  # names of the per-run counts recorded in the meta
+    # False: documents() gives each document's ids, written as one sequence followed by eod.
+    # True: it gives (sequences, metadata) per document, written as several sequences with no
+    # eod, and metadata (a dict) as one line of the sidecar PREFIX.extra.jsonl.
+    sequences: ClassVar[bool] = False
 
     @property
     def rule(self) -> str:
@@ -582,6 +663,7 @@ class _ChatLines:
     tokenizer: Any
     kind: ClassVar[str] = "chat"
     counts: ClassVar[Tuple[str, ...]] = ("assistant_tokens",)
+    sequences: ClassVar[bool] = False
 
     @property
     def rule(self) -> str:
@@ -611,8 +693,39 @@ class _ChatLines:
         return [ids]
 
 
-_LineFormat = Union[_TextLines, _ChatLines]
-_LINE_FORMATS = {"text": _TextLines, "chat": _ChatLines}
+@dataclass(frozen=True)
+class _PreferenceLines:
+    """``preference``: a DPO pair (megaphi.data.preference), one document of several sequences."""
+
+    tokenizer: Any
+    kind: ClassVar[str] = "preference"
+    counts: ClassVar[Tuple[str, ...]] = ("pairs", "full_pairs", "token_pairs")
+    sequences: ClassVar[bool] = True
+
+    @property
+    def rule(self) -> str:
+        return (f"each line must be a JSON object {PAIR_FORMAT}: fix the line or pass "
+                "--skip-bad-lines to skip such lines")
+
+    def check(self) -> None:
+        _ChatLines(self.tokenizer).check()
+
+    def meta(self) -> Dict[str, Any]:
+        return {}
+
+    def documents(self, line: bytes, counts: Dict[str, int]):
+        obj = _json_of(line)
+        try:
+            kind, sequences = parse_pair(obj, self.tokenizer)
+        except ChatFormatError as e:
+            raise _BadLine(e.reason) from None
+        counts["pairs"] += 1
+        counts["full_pairs" if kind == FULL else "token_pairs"] += 1
+        return [(sequences, pair_metadata(obj))]
+
+
+_LineFormat = Union[_TextLines, _ChatLines, _PreferenceLines]
+_LINE_FORMATS = {"text": _TextLines, "chat": _ChatLines, "preference": _PreferenceLines}
 assert tuple(_LINE_FORMATS) == KINDS
 
 
@@ -714,10 +827,13 @@ def _ordered_results(job: _ChunkJob, tasks: Iterator[_Task],
 class AtomicDataset:
     """Temp files next to the final ones; renamed on :meth:`commit`, removed on any failure."""
 
-    def __init__(self, prefix: PathLike):
+    def __init__(self, prefix: PathLike, extra: bool = False):
         self.final = dataset_paths(prefix)
+        if extra:  # the sidecar of a preference dataset, PREFIX.extra.jsonl
+            self.final["extra"] = extra_path(prefix)
         self.temp = {kind: path + ".tmp" for kind, path in self.final.items()}
         self._builder = None
+        self._extra = None
 
     def __enter__(self) -> "AtomicDataset":
         directory = os.path.dirname(self.final["bin"])
@@ -733,11 +849,19 @@ class AtomicDataset:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self._builder = IndexedDatasetBuilder(self.temp["bin"], dtype=dtype)
+        if "extra" in self.temp:
+            self._extra = open(self.temp["extra"], "wb")
         return self._builder
+
+    def write_extra(self, data: bytes) -> None:
+        """Append lines (JSON objects, one per document) to the sidecar."""
+        self._extra.write(data)
 
     def commit(self, meta: dict) -> int:
         """Finish the index, write the meta and rename all three; returns .bin + .idx bytes."""
         self._builder.finalize(self.temp["idx"])
+        if self._extra is not None:
+            self._extra.close()
         with open(self.temp["meta"], "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -746,8 +870,12 @@ class AtomicDataset:
         # moment shows a meta next to a .bin/.idx pair it does not describe.
         if os.path.exists(self.final["meta"]):
             os.remove(self.final["meta"])
-        for kind in ("bin", "idx", "meta"):
-            os.replace(self.temp[kind], self.final[kind])
+        stale = extra_path(self.final["bin"][:-len(".bin")])
+        if "extra" not in self.final and os.path.exists(stale):
+            os.remove(stale)  # the sidecar of the preference dataset this one replaces
+        for kind in ("bin", "idx", "extra", "meta"):
+            if kind in self.final:
+                os.replace(self.temp[kind], self.final[kind])
         return written
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -755,6 +883,8 @@ class AtomicDataset:
             return
         if self._builder is not None:
             self._builder.data_file.close()
+        if self._extra is not None:
+            self._extra.close()
         for path in self.temp.values():
             try:
                 os.remove(path)
