@@ -78,22 +78,15 @@ def eval_config(iter_dir: Path, overrides: List[str]):
     return from_dict(MegaphiConfig, raw)
 
 
-def _empty_row(seq_length: int, pad_id: int) -> dict:
-    return {"tokens": torch.full((seq_length,), pad_id), "labels": torch.full((seq_length,), pad_id),
-            "loss_mask": torch.zeros(seq_length), "position_ids": torch.arange(seq_length),
-            "seq_ids": torch.full((seq_length,), -1)}
-
-
-def _micro_batches(rows, cfg, dp_rank: int, dp: int, device, pad_id: int):
+def _micro_batches(rows, cfg, dp_rank: int, dp: int, device):
     """This data-parallel rank's micro-batches covering every row once; rows past the end are
     empty (no loss), so every rank runs the same number of micro-batches."""
-    mbs, s = cfg.train.micro_batch_size, cfg.model.seq_length
+    mbs = cfg.train.micro_batch_size
     per_step = mbs * dp
     steps = -(-len(rows) // per_step)
     for step in range(steps):
         first = step * per_step + dp_rank * mbs
-        items = [rows[i] if i < len(rows) else _empty_row(s, pad_id)
-                 for i in range(first, first + mbs)]
+        items = [rows[i] if i < len(rows) else rows.row([]) for i in range(first, first + mbs)]
         yield {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
@@ -131,8 +124,7 @@ def evaluate(cfg, rt, iter_dir: Path, prefix: str) -> dict:
     load_checkpoint(iter_dir, chunks, None, None, layout, load_optimizer=False)
     for chunk in chunks:
         chunk.eval()
-    micro = list(_micro_batches(rows, cfg, ps.get_data_parallel_rank(), rt.dp, rt.device,
-                                tokenizer.pad_id))
+    micro = list(_micro_batches(rows, cfg, ps.get_data_parallel_rank(), rt.dp, rt.device))
     seq_shape, mbs_shape = packed_shape(cfg, chunks)
     totals = torch.zeros(2, dtype=torch.float64)
     start, group = time.perf_counter(), 16

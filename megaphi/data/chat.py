@@ -145,17 +145,7 @@ def parse_conversation(obj: Any) -> List[Dict[str, str]]:
     """
     if not isinstance(obj, dict):
         raise ChatFormatError(f"the conversation is {_type_name(obj)}, not a JSON object")
-    if "messages" not in obj:
-        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-        raise ChatFormatError(f"no key 'messages' (keys: {keys})")
-    raw = obj["messages"]
-    if not isinstance(raw, list):
-        raise ChatFormatError(f"'messages' is {_type_name(raw)}, not an array of messages")
-    if not raw:
-        raise ChatFormatError("'messages' is empty: nothing to train on")
-    messages = []
-    for number, message in enumerate(raw, start=1):
-        messages.append(_check_message(message, number))
+    messages = parse_messages(obj, "messages", "'messages'", when_empty=": nothing to train on")
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatFormatError("no assistant message: nothing to train on")
     return messages
@@ -271,22 +261,45 @@ def loss_mask_from_ids(ids: Sequence[int], tokenizer) -> np.ndarray:
     return mask
 
 
-def _check_message(message: Any, number: int) -> Dict[str, str]:
-    """The role and content of a valid message; else ChatFormatError naming message ``number``."""
+def parse_messages(obj: Dict[str, Any], key: str, label: str, when_empty: str,
+                   message_label: str = "message") -> List[Dict[str, str]]:
+    """The valid messages under ``obj[key]`` (a non-empty array of messages), as new dicts.
+
+    Shared by conversations (``"messages"``) and preference prompts (``"prompt"``). Reasons
+    name the array as ``label`` and each message as ``message_label`` plus its number from 1;
+    an empty array's reason ends with ``when_empty``.
+
+    Raises:
+        ChatFormatError: the key is missing, its value is not a non-empty array, or a message
+            is invalid (see :func:`_check_message`).
+    """
+    if key not in obj:
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+        raise ChatFormatError(f"no key {key!r} (keys: {keys})")
+    raw = obj[key]
+    if not isinstance(raw, list):
+        raise ChatFormatError(f"{label} is {_type_name(raw)}, not an array of messages")
+    if not raw:
+        raise ChatFormatError(f"{label} is empty{when_empty}")
+    return [_check_message(message, number, message_label)
+            for number, message in enumerate(raw, start=1)]
+
+
+def _check_message(message: Any, number: int, label: str = "message") -> Dict[str, str]:
+    """The role and content of a valid message; else ChatFormatError naming ``label number``."""
+    name = f"{label} {number}"
     if not isinstance(message, dict):
-        raise ChatFormatError(f"message {number} is {_type_name(message)}, not an object with "
+        raise ChatFormatError(f"{name} is {_type_name(message)}, not an object with "
                               "'role' and 'content'")
     for key in ("role", "content"):
         if key not in message:
             keys = ", ".join(repr(k) for k in list(message)[:8]) or "none"
-            raise ChatFormatError(f"message {number} has no {key!r} (keys: {keys})")
+            raise ChatFormatError(f"{name} has no {key!r} (keys: {keys})")
     role, content = message["role"], message["content"]
     if role not in ROLES:
-        raise ChatFormatError(f"message {number} has unknown role {role!r}; roles are "
-                              f"{', '.join(ROLES)}")
+        raise ChatFormatError(f"{name} has unknown role {role!r}; roles are {', '.join(ROLES)}")
     if not isinstance(content, str):
-        raise ChatFormatError(f"message {number} content is {_type_name(content)}, "
-                              "not a string")
+        raise ChatFormatError(f"{name} content is {_type_name(content)}, not a string")
     return {"role": role, "content": content}
 
 

@@ -198,6 +198,11 @@ class PackedRows(torch.utils.data.Dataset):
         return self.items[self.offsets[i]:self.offsets[i + 1]]
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return self.row(self.row_segments(i).tolist())
+
+    def row(self, segments: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The row holding ``segments`` (indices into the segments) in order, then padding;
+        ``row([])`` is all padding (no loss), which fills out an evaluation's last step."""
         s = self.seq_length
         tokens = np.full(s, self.pad_id, dtype=np.int64)
         labels = np.full(s, self.pad_id, dtype=np.int64)
@@ -205,7 +210,7 @@ class PackedRows(torch.utils.data.Dataset):
         position_ids = np.zeros(s, dtype=np.int64)
         seq_ids = np.full(s, PAD_SEGMENT, dtype=np.int64)
         at = 0
-        for j, k in enumerate(self.row_segments(i).tolist()):
+        for j, k in enumerate(segments):
             ids, mask = self.segments.get(k)
             n = len(ids) - 1
             tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from megaphi.data.chat import ChatFormatError, _check_message, _type_name, chat_token_ids, \
+from megaphi.data.chat import ChatFormatError, _type_name, chat_token_ids, parse_messages, \
     render_chat
 
 FULL = 0
@@ -133,20 +133,11 @@ def pair_metadata(obj: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _prompt_ids(obj: Dict[str, Any], tokenizer) -> List[int]:
-    if "prompt" not in obj:
-        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-        raise _error(f"no key 'prompt' (keys: {keys})")
-    raw = obj["prompt"]
-    if not isinstance(raw, list):
-        raise _error(f"prompt is {_type_name(raw)}, not an array of messages")
-    if not raw:
-        raise _error("prompt is empty; it must end with a user turn")
-    messages = []
-    for number, message in enumerate(raw, start=1):
-        try:
-            messages.append(_check_message(message, number))
-        except ChatFormatError as e:
-            raise _error(f"prompt {e.reason}") from None
+    try:
+        messages = parse_messages(obj, "prompt", "prompt", "; it must end with a user turn",
+                                  message_label="prompt message")
+    except ChatFormatError as e:
+        raise _error(e.reason) from None
     if messages[-1]["role"] != "user":
         raise _error(f"prompt must end with a user turn, ends with {messages[-1]['role']}")
     return render_chat(messages, tokenizer)[0]

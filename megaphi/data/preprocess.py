@@ -694,10 +694,10 @@ class _ChatLines:
 
 
 @dataclass(frozen=True)
-class _PreferenceLines:
-    """``preference``: a DPO pair (megaphi.data.preference), one document of several sequences."""
+class _PreferenceLines(_ChatLines):
+    """``preference``: a DPO pair (megaphi.data.preference), one document of several sequences.
+    Its tokenizer needs what chat needs (the inherited :meth:`check` and :meth:`meta`)."""
 
-    tokenizer: Any
     kind: ClassVar[str] = "preference"
     counts: ClassVar[Tuple[str, ...]] = ("pairs", "full_pairs", "token_pairs")
     sequences: ClassVar[bool] = True
@@ -706,12 +706,6 @@ class _PreferenceLines:
     def rule(self) -> str:
         return (f"each line must be a JSON object {PAIR_FORMAT}: fix the line or pass "
                 "--skip-bad-lines to skip such lines")
-
-    def check(self) -> None:
-        _ChatLines(self.tokenizer).check()
-
-    def meta(self) -> Dict[str, Any]:
-        return {}
 
     def documents(self, line: bytes, counts: Dict[str, int]):
         obj = _json_of(line)
