@@ -514,6 +514,14 @@ class _ChunkResult:
     extra: bytes = b""  # the sidecar's lines of the chunk's documents (JSON objects)
 
 
+@dataclass
+class _BadLines:
+    """The bad lines of a chunk: how many, and the first few as (1-based line, reason)."""
+
+    skipped: int = 0
+    first: List[Tuple[int, str]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class _ChunkJob:
     """Tokenises one chunk of lines; runs in a worker process (or here with one worker)."""
@@ -525,26 +533,15 @@ class _ChunkJob:
     def __call__(self, task: _Task) -> _ChunkResult:
         if self.lines.sequences:
             return self._sequences(task)
-        documents, eod = self.lines.documents, self.lines.tokenizer.eod_id
+        eod = self.lines.tokenizer.eod_id
         # ids go straight into a C array of the output dtype: no big list of Python ints, and
         # the main process receives bytes to write, not objects to convert
         flat = array.array(_ARRAY_TYPECODES[np.dtype(self.dtype)])
         lengths: List[int] = []
-        bad: List[Tuple[int, str]] = []
-        skipped, out_of_range = 0, None
+        out_of_range = None
         counts = dict.fromkeys(self.lines.counts, 0)
-        for offset, line in enumerate(task.data.split(b"\n")):
-            if not line or line.isspace():
-                continue
-            try:
-                docs = documents(line, counts)
-            except _BadLine as e:
-                skipped += 1
-                if len(bad) < _MAX_REPORTED_BAD_LINES:
-                    bad.append((task.first_line + offset, e.args[0]))
-                if not self.skip_bad_lines:
-                    break
-                continue
+        bad = _BadLines()
+        for docs in self._documents_of_lines(task, counts, bad):
             for ids in docs:
                 try:
                     flat.fromlist(ids if type(ids) is list else list(ids))
@@ -558,12 +555,36 @@ class _ChunkJob:
             if out_of_range is not None:
                 break
         tokens = np.frombuffer(flat, dtype=self.dtype)
-        if out_of_range is None and len(tokens):
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.lines.tokenizer.vocab_size:
-                out_of_range = low if low < 0 else high
-        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
-                            out_of_range, counts)
+        if out_of_range is None:
+            out_of_range = self._outside_vocabulary(tokens)
+        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), bad.skipped,
+                            bad.first, out_of_range, counts)
+
+    def _documents_of_lines(self, task: _Task, counts: Dict[str, int], bad: "_BadLines"):
+        """The line format's documents of each usable line of the chunk, in order. A bad line
+        is tallied in ``bad`` and ends the chunk unless bad lines are skipped."""
+        for offset, line in enumerate(task.data.split(b"\n")):
+            if not line or line.isspace():
+                continue
+            try:
+                docs = self.lines.documents(line, counts)
+            except _BadLine as e:
+                bad.skipped += 1
+                if len(bad.first) < _MAX_REPORTED_BAD_LINES:
+                    bad.first.append((task.first_line + offset, e.args[0]))
+                if not self.skip_bad_lines:
+                    return
+                continue
+            yield docs
+
+    def _outside_vocabulary(self, tokens: np.ndarray) -> Optional[int]:
+        """An id of ``tokens`` outside the tokenizer's vocabulary, or None."""
+        if not len(tokens):
+            return None
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.lines.tokenizer.vocab_size:
+            return low if low < 0 else high
+        return None
 
     def _sequences(self, task: _Task) -> _ChunkResult:
         """For formats whose documents are several sequences, with no eod, and a sidecar."""
@@ -572,21 +593,9 @@ class _ChunkJob:
         seq_lengths: List[int] = []
         seq_counts: List[int] = []
         extra: List[bytes] = []
-        bad: List[Tuple[int, str]] = []
-        skipped = 0
         counts = dict.fromkeys(self.lines.counts, 0)
-        for offset, line in enumerate(task.data.split(b"\n")):
-            if not line or line.isspace():
-                continue
-            try:
-                docs = self.lines.documents(line, counts)
-            except _BadLine as e:
-                skipped += 1
-                if len(bad) < _MAX_REPORTED_BAD_LINES:
-                    bad.append((task.first_line + offset, e.args[0]))
-                if not self.skip_bad_lines:
-                    break
-                continue
+        bad = _BadLines()
+        for docs in self._documents_of_lines(task, counts, bad):
             for sequences, metadata in docs:  # ids checked against the vocabulary already
                 for ids in sequences:
                     flat.fromlist(ids)
@@ -595,13 +604,8 @@ class _ChunkJob:
                 lengths.append(sum(map(len, sequences)))
                 extra.append(json.dumps(metadata, ensure_ascii=False).encode("utf-8") + b"\n")
         tokens = np.frombuffer(flat, dtype=self.dtype)
-        out_of_range = None
-        if len(tokens):
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.lines.tokenizer.vocab_size:
-                out_of_range = low if low < 0 else high
-        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), skipped, bad,
-                            out_of_range, counts, np.asarray(seq_lengths, dtype=np.int64),
+        return _ChunkResult(tokens, np.asarray(lengths, dtype=np.int64), bad.skipped,
+                            bad.first, self._outside_vocabulary(tokens), counts, np.asarray(seq_lengths, dtype=np.int64),
                             np.asarray(seq_counts, dtype=np.int64), b"".join(extra))
 
 
