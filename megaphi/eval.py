@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -78,18 +77,6 @@ def eval_config(iter_dir: Path, overrides: List[str]):
     return from_dict(MegaphiConfig, raw)
 
 
-def _micro_batches(rows, cfg, dp_rank: int, dp: int, device):
-    """This data-parallel rank's micro-batches covering every row once; rows past the end are
-    empty (no loss), so every rank runs the same number of micro-batches."""
-    mbs = cfg.train.micro_batch_size
-    per_step = mbs * dp
-    steps = -(-len(rows) // per_step)
-    for step in range(steps):
-        first = step * per_step + dp_rank * mbs
-        items = [rows[i] if i < len(rows) else rows.row([]) for i in range(first, first + mbs)]
-        yield {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-
-
 def evaluate(cfg, rt, iter_dir: Path, prefix: str) -> dict:
     """Run the evaluation in the initialised runtime ``rt``; the result is known on every
     rank."""
@@ -100,9 +87,9 @@ def evaluate(cfg, rt, iter_dir: Path, prefix: str) -> dict:
     from megaphi.data.datasets import check_datasets_tokenizer
     from megaphi.data.tokenizer import load_tokenizer
     from megaphi.model.builder import build_model
+    from megaphi.phases.base import forward_once
     from megaphi.phases.lm import packed_shape, token_forward_step
     from megaphi.training.checkpoint import load_checkpoint
-    from megaphi.training.step import forward_backward
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_datasets_tokenizer([prefix], tokenizer, cfg.model.vocab_size)
@@ -124,21 +111,11 @@ def evaluate(cfg, rt, iter_dir: Path, prefix: str) -> dict:
     load_checkpoint(iter_dir, chunks, None, None, layout, load_optimizer=False)
     for chunk in chunks:
         chunk.eval()
-    micro = list(_micro_batches(rows, cfg, ps.get_data_parallel_rank(), rt.dp, rt.device))
-    seq_shape, mbs_shape = packed_shape(cfg, chunks)
+    reports = forward_once(cfg, rt, chunks, rows, token_forward_step, packed_shape(cfg, chunks),
+                           what="evaluated")
     totals = torch.zeros(2, dtype=torch.float64)
-    start, group = time.perf_counter(), 16
-    with torch.no_grad():
-        for i in range(0, len(micro), group):
-            part = micro[i:i + group]
-            reports = forward_backward(chunks, part, len(part), seq_length=seq_shape,
-                                       micro_batch_size=mbs_shape,
-                                       forward_step_func=token_forward_step, forward_only=True)
-            if reports and ps.get_tensor_model_parallel_rank() == 0:
-                totals += torch.stack([r["loss"].double().cpu() for r in reports]).sum(0)
-            logger.info("evaluated %d of %d micro-batches (%.1f rows/s)", i + len(part),
-                        len(micro), (i + len(part)) * cfg.train.micro_batch_size * rt.dp
-                        / max(time.perf_counter() - start, 1e-9))
+    if reports and ps.get_tensor_model_parallel_rank() == 0:
+        totals += torch.stack([r["loss"].double().cpu() for r in reports]).sum(0)
     totals = totals.to(rt.device)
     dist.all_reduce(totals)  # one copy per data-parallel rank, from the last pipeline stage
     loss_sum, tokens = totals.cpu().tolist()

@@ -91,13 +91,13 @@ def test_text_windows_predict_every_token_but_each_documents_first_once(sample_m
 
 
 def test_sft_mixture_blends_chat_datasets_by_weight(chat_mixture):
-    from megaphi.data.packing import BlendedRows, ChatSegments, build_packed_rows
+    from megaphi.data.packing import BlendedRows, ChatSegments, PackedRows, build_packed_rows
     from megaphi.data.tokenizer import Phi4Tokenizer
 
     tok = Phi4Tokenizer()
     prefixes = [str(chat_mixture.parent / "faq_train"), str(chat_mixture.parent / "faq_valid")]
-    rows = build_packed_rows((prefixes, [3.0, 1.0]), lambda p: ChatSegments(p, tok, 512), 512,
-                             seed=1, num_samples=40, packing=True, pad_id=tok.pad_id)
+    rows = build_packed_rows((prefixes, [3.0, 1.0]), lambda i, p, n: PackedRows(
+        ChatSegments(p, tok, 512), 512, seed=1 + i, num_samples=n, pad_id=tok.pad_id), 40)
     assert isinstance(rows, BlendedRows) and len(rows) == 40
     assert np.bincount(rows.dataset_index).tolist() == [30, 10]
     valid = rows.datasets[1]

@@ -5,6 +5,7 @@ from megaphi.config.schema import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
+    DPOConfig,
     FP8Config,
     LoggingConfig,
     MegaphiConfig,
@@ -18,7 +19,7 @@ from megaphi.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "FP8Config", "LoggingConfig",
+    "CheckpointConfig", "ConfigError", "DataConfig", "DPOConfig", "FP8Config", "LoggingConfig",
     "MegaphiConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PhaseConfig",
     "PrecisionConfig", "ScheduleConfig", "TrainConfig", "list_presets", "load_config", "to_yaml",
 ]

@@ -380,6 +380,48 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Direct Preference Optimization (``phase.name=dpo``) on preference pairs.
+
+    Per pair, with summed (or, with ``average_logps``, per-token averaged) response log-probs
+    of the policy ``pi`` and the reference ``ref``: ``z = (pi_c - ref_c) - (pi_r - ref_r)``;
+    ``sigmoid`` minimises ``-(1 - eps) log s(beta z) - eps log s(-beta z)`` (DPO, and cDPO
+    with ``label_smoothing`` eps), ``ipo`` minimises ``(z - 1 / (2 beta))^2``. The loss is the
+    mean over the pairs of the global batch. Phi-4's report leaves beta, the LR and the epochs
+    unstated; beta=0.1 is TRL's default and the cDPO/DPO papers' value."""
+
+    beta: float = 0.1
+    """The DPO temperature beta (IPO's tau); rewards are ``beta * (pi - ref)``."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """``sigmoid``: DPO (cDPO with ``label_smoothing`` > 0). ``ipo``: IPO's squared loss (use
+    ``average_logps=true`` for the IPO paper's and TRL's per-token form)."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a pair's preference is flipped, in [0, 0.5)."""
+    sft_weight: float = 0.0
+    """Weight of an NLL term on the chosen responses (RPO): ``sft_weight`` times the per-token
+    mean negative log-likelihood of each chosen response, averaged over pairs."""
+    average_logps: bool = False
+    """Average the response log-probs over its tokens instead of summing them."""
+    reference: Optional[str] = None
+    """The reference model: a run directory, its ``checkpoints/`` or an ``iter_*`` directory.
+    Default: the starting checkpoint (``checkpoint.load``). Its log-probs are computed once,
+    before the first step, and stored in ``<run_dir>/reference_logps.npz``."""
+
+    _section: ClassVar[str] = "dpo"
+
+    def __post_init__(self):
+        _positive("dpo", self, "beta")
+        _require(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing",
+                 f"must be in [0, 0.5), got {self.label_smoothing}",
+                 "use 0 for DPO or a small flip probability such as 0.1 for cDPO")
+        _require(self.label_smoothing == 0.0 or self.loss == "sigmoid", "dpo.label_smoothing",
+                 f"label smoothing (cDPO) applies to the sigmoid loss, not dpo.loss={self.loss}",
+                 "set dpo.label_smoothing=0 or dpo.loss=sigmoid")
+        _require(self.sft_weight >= 0.0, "dpo.sft_weight", f"must be >= 0, got {self.sft_weight}",
+                 "set dpo.sft_weight to 0 (off) or a positive weight such as 1.0")
+
+
+@dataclass(frozen=True)
 class MegaphiConfig:
     """A complete, validated run configuration."""
 
@@ -393,6 +435,7 @@ class MegaphiConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     phase: PhaseConfig = field(default_factory=PhaseConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self):
         self._check_layout()

@@ -73,7 +73,8 @@ def pack(sizes: np.ndarray, capacity: int, seed) -> List[np.ndarray]:
 
 class Segments:
     """What a :class:`PackedRows` packs: ``sizes[k]`` positions per segment and
-    :meth:`get` for its ``(ids, mask)``."""
+    :meth:`get` for its ``(ids, mask)``. A segment is one attention segment unless
+    :meth:`write` says otherwise (a DPO pair is two, :mod:`megaphi.data.preference`)."""
 
     name: str
     sizes: np.ndarray
@@ -81,6 +82,23 @@ class Segments:
 
     def get(self, k: int) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def empty_row(self, seq_length: int, pad_id: int) -> Dict[str, np.ndarray]:
+        """A row of padding: every field of a sample, ``[seq_length]`` each. ``position_ids``
+        and ``seq_ids`` (-1 on padding) are filled in by :class:`PackedRows`."""
+        return {"tokens": np.full(seq_length, pad_id, dtype=np.int64),
+                "labels": np.full(seq_length, pad_id, dtype=np.int64),
+                "loss_mask": np.zeros(seq_length, dtype=np.float32)}
+
+    def write(self, row: Dict[str, np.ndarray], at: int, k: int, slot: int) -> List[int]:
+        """Write segment ``k`` into ``row`` from position ``at`` (it fills ``sizes[k]``
+        positions); ``slot`` is its place among the row's segments (0, 1, ...). Returns the
+        lengths of the attention segments it is made of, in order."""
+        ids, mask = self.get(k)
+        n = len(ids) - 1
+        row["tokens"][at:at + n], row["labels"][at:at + n] = ids[:-1], ids[1:]
+        row["loss_mask"][at:at + n] = mask[1:]
+        return [n]
 
 
 class ChatSegments(Segments):
@@ -158,11 +176,12 @@ class PackingStats:
 
 class PackedRows(torch.utils.data.Dataset):
     """Rows of packed segments: ``num_samples`` rows over as many epochs as that takes (each
-    packed with seed ``(seed, epoch)``), or exactly one epoch when ``num_samples`` is None."""
+    packed with seed ``(seed, epoch)``; with ``repack=False`` every epoch has the first
+    epoch's rows, reordered), or exactly one epoch when ``num_samples`` is None."""
 
     def __init__(self, segments: Segments, seq_length: int, seed: int,
                  num_samples: Optional[int] = None, packing: bool = True, pad_id: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, repack: bool = True):
         self.segments, self.seq_length, self.pad_id = segments, seq_length, pad_id
         if len(segments.sizes) == 0:
             raise ValueError(f"{segments.name}: no segment fits a row of {seq_length} tokens "
@@ -170,7 +189,12 @@ class PackedRows(torch.utils.data.Dataset):
                              "data.overlong=truncate")
         epochs, total = [], 0
         while not epochs or (num_samples is not None and total < num_samples):
-            epochs.append(self._epoch(len(epochs), seed, packing, shuffle))
+            if repack or not epochs:
+                epochs.append(self._epoch(len(epochs), seed, packing, shuffle))
+            else:  # the first epoch's rows again, in another order
+                order = np.random.default_rng([seed, len(epochs), 0x5F8]).permutation(
+                    len(epochs[0]))
+                epochs.append([epochs[0][i] for i in order])
             total += len(epochs[-1])
         rows = [row for epoch in epochs for row in epoch]
         if num_samples is not None:
@@ -204,25 +228,18 @@ class PackedRows(torch.utils.data.Dataset):
         """The row holding ``segments`` (indices into the segments) in order, then padding;
         ``row([])`` is all padding (no loss), which fills out an evaluation's last step."""
         s = self.seq_length
-        tokens = np.full(s, self.pad_id, dtype=np.int64)
-        labels = np.full(s, self.pad_id, dtype=np.int64)
-        loss_mask = np.zeros(s, dtype=np.float32)
+        row = self.segments.empty_row(s, self.pad_id)
         position_ids = np.zeros(s, dtype=np.int64)
         seq_ids = np.full(s, PAD_SEGMENT, dtype=np.int64)
-        at = 0
-        for j, k in enumerate(segments):
-            ids, mask = self.segments.get(k)
-            n = len(ids) - 1
-            tokens[at:at + n], labels[at:at + n] = ids[:-1], ids[1:]
-            loss_mask[at:at + n] = mask[1:]
-            position_ids[at:at + n] = np.arange(n)
-            seq_ids[at:at + n] = j
-            at += n
+        at, seq = 0, 0
+        for slot, k in enumerate(segments):
+            for n in self.segments.write(row, at, int(k), slot):
+                position_ids[at:at + n] = np.arange(n)
+                seq_ids[at:at + n] = seq
+                at, seq = at + n, seq + 1
         position_ids[at:] = np.arange(s - at)  # the padding is a segment of its own
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask),
-                "position_ids": torch.from_numpy(position_ids),
-                "seq_ids": torch.from_numpy(seq_ids)}
+        row["position_ids"], row["seq_ids"] = position_ids, seq_ids
+        return {k: torch.from_numpy(v) for k, v in row.items()}
 
     def describe(self) -> str:
         st = self.stats
@@ -266,20 +283,18 @@ class BlendedRows(torch.utils.data.Dataset):
         return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
 
 
-def build_packed_rows(blend: Tuple[List[str], List[float]], segments_of, seq_length: int,
-                      seed: int, num_samples: int, packing: bool, pad_id: int):
-    """Rows from a weighted blend of datasets: one :class:`PackedRows` per prefix (made by
-    ``segments_of(prefix)``), blended when there are several. Logs each one's packing."""
+def build_packed_rows(blend: Tuple[List[str], List[float]], rows_of, num_samples: int):
+    """Rows from a weighted blend of datasets: ``rows_of(i, prefix, n)`` makes the
+    :class:`PackedRows` of the ``i``-th prefix with at least ``n`` rows; they are blended when
+    there are several. Logs each one's packing."""
     prefixes, weights = blend
     counts = [num_samples] if len(prefixes) == 1 else BlendedRows.rows_needed(weights,
                                                                               num_samples)
     datasets = []
     for i, (prefix, n) in enumerate(zip(prefixes, counts)):
-        rows = PackedRows(segments_of(prefix), seq_length, seed=seed + 7919 * i,
-                          num_samples=max(n, 1), packing=packing, pad_id=pad_id)
+        rows = rows_of(i, prefix, max(n, 1))
         logger.info("%s", rows.describe())
         datasets.append(rows)
     if len(datasets) == 1:
         return datasets[0]
     return BlendedRows(datasets, weights, num_samples)
-

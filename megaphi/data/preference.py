@@ -38,6 +38,7 @@ import numpy as np
 
 from megaphi.data.chat import ChatFormatError, _type_name, chat_token_ids, parse_messages, \
     render_chat
+from megaphi.data.packing import Segments
 
 FULL = 0
 """Kind of a full-length pair (3 sequences: prompt, chosen, rejected)."""
@@ -265,3 +266,86 @@ class PreferencePairs:
             with open(extra_path(self.prefix), encoding="utf-8") as f:
                 self._extras = [json.loads(line) for line in f]
         return self._extras[i]
+
+
+class PairSegments(Segments):
+    """The pairs of a preference dataset as the units :class:`~megaphi.data.packing.PackedRows`
+    packs into DPO rows, so a pair's chosen and rejected sequences always share a row (and so a
+    micro-batch).
+
+    A full pair fills ``2 * prompt + chosen + rejected - 2`` positions: two attention segments,
+    prompt + chosen and prompt + rejected, scored on the response tokens. A token pair fills
+    ``len(context)`` positions: one segment whose last position's distribution gives both
+    next-token log-probs (``labels`` holds the chosen token there, ``rejected_labels`` the
+    rejected one). A pair longer than a row is dropped and counted in :attr:`dropped`.
+
+    A row's fields, ``[seq_length]`` each (besides ``position_ids`` and ``seq_ids``):
+
+    * ``tokens``, ``labels`` (next tokens; the chosen token at a token pair's last position)
+      and ``rejected_labels`` (the same, but the rejected token there);
+    * ``chosen_pair`` / ``rejected_pair``: the row slot of the pair whose chosen / rejected
+      log-prob a position adds to (its ``labels`` / ``rejected_labels`` token), -1 elsewhere;
+    * per row slot ``j`` (the ``j``-th pair of the row): ``pair_index`` (the pair's number,
+      ``first_pair`` plus its index in the dataset; -1 for unused slots) and ``ref_chosen`` /
+      ``ref_rejected``, its reference log-probs (0 without ``reference``).
+
+    Args:
+        prefix: a preference dataset (``tools/preprocess_data.py --format preference``).
+        seq_length: positions per row.
+        first_pair: the number of this dataset's first pair among all the run's pairs.
+        reference: ``(chosen, rejected)`` summed reference log-probs per pair of the dataset.
+    """
+
+    def __init__(self, prefix, seq_length: int, first_pair: int = 0, reference=None):
+        self.pairs = PreferencePairs(prefix)
+        self.name, self.first_pair, self.reference = os.fspath(prefix), first_pair, reference
+        p = self.pairs.prompt_lengths
+        full = self.pairs.kinds == FULL
+        sizes = np.where(full, 2 * p + self.pairs.chosen_lengths + self.pairs.rejected_lengths - 2,
+                         p)
+        self.index = np.flatnonzero((sizes <= seq_length) & (sizes > 0))
+        self.sizes = sizes[self.index]
+        self.dropped = len(sizes) - len(self.index)
+
+    def kept(self) -> np.ndarray:
+        """Indices (in the dataset) of the pairs that fit a row."""
+        return self.index
+
+    def empty_row(self, seq_length: int, pad_id: int) -> Dict[str, np.ndarray]:
+        def filled(value, dtype=np.int64):
+            return np.full(seq_length, value, dtype=dtype)
+
+        return {"tokens": filled(pad_id), "labels": filled(pad_id),
+                "rejected_labels": filled(pad_id), "chosen_pair": filled(-1),
+                "rejected_pair": filled(-1), "pair_index": filled(-1),
+                "ref_chosen": filled(0.0, np.float64), "ref_rejected": filled(0.0, np.float64)}
+
+    def write(self, row: Dict[str, np.ndarray], at: int, k: int, slot: int) -> List[int]:
+        i = int(self.index[k])
+        pair = self.pairs[i]
+        row["pair_index"][slot] = self.first_pair + i
+        if self.reference is not None:
+            row["ref_chosen"][slot] = self.reference[0][i]
+            row["ref_rejected"][slot] = self.reference[1][i]
+        if isinstance(pair, TokenPair):
+            ids = pair.context
+            n = len(ids)
+            row["tokens"][at:at + n] = ids
+            row["labels"][at:at + n - 1] = ids[1:]
+            row["rejected_labels"][at:at + n - 1] = ids[1:]
+            row["labels"][at + n - 1] = pair.chosen_id
+            row["rejected_labels"][at + n - 1] = pair.rejected_id
+            row["chosen_pair"][at + n - 1] = slot
+            row["rejected_pair"][at + n - 1] = slot
+            return [n]
+        lengths = []
+        for response, side in ((pair.chosen, "chosen_pair"), (pair.rejected, "rejected_pair")):
+            ids = np.concatenate([pair.prompt, response])
+            n = len(ids) - 1
+            row["tokens"][at:at + n] = ids[:-1]
+            row["labels"][at:at + n] = ids[1:]
+            row["rejected_labels"][at:at + n] = ids[1:]
+            row[side][at + len(pair.prompt) - 1:at + n] = slot  # the response's tokens
+            lengths.append(n)
+            at += n
+        return lengths

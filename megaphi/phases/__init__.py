@@ -19,10 +19,12 @@ def get_phase(cfg: MegaphiConfig) -> Phase:
         from megaphi.phases.sft import SFTPhase
 
         return SFTPhase(cfg)
+    if name == "dpo":
+        from megaphi.phases.dpo import DPOPhase
+
+        return DPOPhase(cfg)
     from megaphi.config.schema import ConfigError
 
-    raise ConfigError("phase.name", f"the {name} phase is not implemented yet",
-                      "use pretrain, midtrain or sft")
-
+    raise ConfigError("phase.name", f"unknown phase {name}", "use pretrain, midtrain, sft or dpo")
 
 __all__ = ["Phase", "get_phase"]

@@ -62,6 +62,10 @@ class Phase:
         """``[train, valid]`` datasets with at least ``samples[i]`` samples (None for 0)."""
         raise NotImplementedError
 
+    def prepare(self, rt, chunks, layout: dict) -> None:
+        """Work the phase does with the model before the policy's weights are loaded (DPO:
+        the reference log-probs); nothing by default."""
+
     # -- the step ------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
         """Megatron's ``forward_step_func``: ``(output, loss_func)`` for one micro-batch."""
@@ -84,3 +88,44 @@ class Phase:
         out = {key: (s / c if c else float("nan")) for key, (s, c) in totals.items()}
         out["loss_tokens"] = totals[self.report_keys[0]][1]
         return out
+
+
+def rows_once(rows, micro_batch_size: int, dp_rank: int, dp: int, device):
+    """This data-parallel rank's micro-batches covering every row of ``rows`` (a
+    :class:`~megaphi.data.packing.PackedRows`) exactly once; rows past the end are padding
+    (no loss), so every rank runs the same number of micro-batches."""
+    per_step = micro_batch_size * dp
+    for step in range(-(-len(rows) // per_step)):
+        first = step * per_step + dp_rank * micro_batch_size
+        items = [rows[i] if i < len(rows) else rows.row([])
+                 for i in range(first, first + micro_batch_size)]
+        yield {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def forward_once(cfg: MegaphiConfig, rt, chunks, rows, forward_step_func, shape,
+                 what: str = "rows") -> list:
+    """Run ``forward_step_func`` forward only over every row of ``rows`` once (spread over the
+    data-parallel ranks, ``train.micro_batch_size`` rows per micro-batch), logging progress;
+    returns the loss reports of this rank's last pipeline stage (empty on other stages).
+    ``shape`` is ``(seq_length, micro_batch_size)`` of the pipeline's activations."""
+    import logging
+    import time
+
+    from megatron.core import parallel_state as ps
+
+    from megaphi.training.step import forward_backward
+
+    log = logging.getLogger("megaphi")
+    mbs = cfg.train.micro_batch_size
+    micro = list(rows_once(rows, mbs, ps.get_data_parallel_rank(), rt.dp, rt.device))
+    reports, start, group = [], time.perf_counter(), 16
+    with torch.no_grad():
+        for i in range(0, len(micro), group):
+            part = micro[i:i + group]
+            reports += forward_backward(chunks, part, len(part), seq_length=shape[0],
+                                        micro_batch_size=shape[1],
+                                        forward_step_func=forward_step_func, forward_only=True)
+            done = min(len(rows), (i + len(part)) * mbs * rt.dp)
+            log.info("%s: %d of %d rows (%.1f rows/s)", what, done, len(rows),
+                     done / max(time.perf_counter() - start, 1e-9))
+    return reports

@@ -39,30 +39,38 @@ def token_forward_step(data_iterator, model):
     With context parallelism (unpacked rows), the rank keeps its two of the ``2 * cp``
     sequence chunks (Megatron's load-balanced causal split)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.utils import unwrap_model
-
-    from megaphi.model.packed import block_causal_mask, rotary_positions, thd_params
 
     batch: Dict[str, torch.Tensor] = next(data_iterator)
-    seq_ids = batch.get("seq_ids")
-    if seq_ids is None:
+    if batch.get("seq_ids") is None:
         if ps.get_context_parallel_world_size() > 1:
             from megatron.core.utils import get_batch_on_this_cp_rank
 
             batch = get_batch_on_this_cp_rank(dict(batch))
         output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                        attention_mask=None, labels=batch["labels"])
-    elif getattr(unwrap_model(model), "packed_format", "mask") == "thd":
-        b, s = batch["tokens"].shape
-        output = model(input_ids=batch["tokens"].reshape(1, b * s),
-                       position_ids=batch["position_ids"].reshape(1, b * s),
-                       attention_mask=None, labels=batch["labels"].reshape(1, b * s),
-                       packed_seq_params=thd_params(seq_ids))
     else:
-        with rotary_positions(model, batch["position_ids"]):
-            output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                           attention_mask=block_causal_mask(seq_ids), labels=batch["labels"])
+        output = packed_forward(model, batch, batch["labels"])
     return output, partial(token_loss, batch["loss_mask"])
+
+
+def packed_forward(model, batch: Dict[str, torch.Tensor], labels=None):
+    """The model on a micro-batch of packed rows (``seq_ids`` gives the segments): per-token
+    losses of ``labels``, or without labels the last stage's logits (``[b, s, V/tp]``, or
+    ``[1, b * s, V/tp]`` in THD format); hidden states on the other pipeline stages."""
+    from megatron.core.utils import unwrap_model
+
+    from megaphi.model.packed import block_causal_mask, rotary_positions, thd_params
+
+    seq_ids = batch["seq_ids"]
+    b, s = batch["tokens"].shape
+    if getattr(unwrap_model(model), "packed_format", "mask") == "thd":
+        return model(input_ids=batch["tokens"].reshape(1, b * s),
+                     position_ids=batch["position_ids"].reshape(1, b * s), attention_mask=None,
+                     labels=None if labels is None else labels.reshape(1, b * s),
+                     packed_seq_params=thd_params(seq_ids))
+    with rotary_positions(model, batch["position_ids"]):
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                     attention_mask=block_causal_mask(seq_ids), labels=labels)
 
 
 class LMPhase(Phase):

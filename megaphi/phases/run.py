@@ -152,6 +152,7 @@ def run_training(cfg: MegaphiConfig):
         optimizer = build_optimizer(cfg, chunks)
         scheduler = build_scheduler(cfg, optimizer)
         layout = {"tp": rt.tp, "pp": rt.pp, "vpp": rt.vpp, "cp": rt.cp, "dp": rt.dp}
+        phase.prepare(rt, chunks, layout)  # before the policy's weights are loaded
         state = TrainState()
         resume = latest_checkpoint(root)
         if resume is not None:

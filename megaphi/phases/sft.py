@@ -29,22 +29,24 @@ class SFTPhase(Phase):
 
     def build_datasets(self, tokenizer, mixture, samples, cache_dir):
         from megaphi.data.datasets import check_datasets_tokenizer
-        from megaphi.data.packing import ChatSegments, build_packed_rows
+        from megaphi.data.packing import ChatSegments, PackedRows, build_packed_rows
 
         cfg = self.cfg
         check_datasets_tokenizer(mixture.all_prefixes(), tokenizer, cfg.model.vocab_size)
         seq = cfg.model.seq_length
         truncate = cfg.data.overlong == "truncate"
 
-        def segments(prefix):
-            return ChatSegments(prefix, tokenizer, seq, truncate=truncate)
+        def rows_of(seed):
+            return lambda i, prefix, n: PackedRows(
+                ChatSegments(prefix, tokenizer, seq, truncate=truncate), seq,
+                seed=seed + 7919 * i, num_samples=n, packing=cfg.data.packing,
+                pad_id=tokenizer.pad_id)
 
         out = []
         for split, n in zip(("train", "valid"), samples):
             blend = mixture.blend(split)
             out.append(None if not n or blend is None else build_packed_rows(
-                blend, segments, seq, seed=cfg.train.seed + (split == "valid"),
-                num_samples=n, packing=cfg.data.packing, pad_id=tokenizer.pad_id))
+                blend, rows_of(cfg.train.seed + (split == "valid")), num_samples=n))
         return out
 
     def forward_step(self, data_iterator, model):
