@@ -8,6 +8,11 @@ torch AdamW, optionally ``torch.compile``) in the same process. Model TFLOP/s us
 causal formula (:mod:`megaphi.model.arithmetic`) for both, so their ratio is a ratio of speeds.
 
 ``tools/benchmark_throughput.py`` is the command line; launch it with torchrun for several GPUs.
+
+:func:`run_sft` times SFT steps on packed against padded rows of chat data
+(``tools/benchmark_sft.py``); :func:`run_dpo` times DPO steps: token pairs in one forward pass
+against two segments per pair, precomputed reference log-probs against a reference forward
+every step, and packed against padded pairs (``tools/benchmark_dpo.py``).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
-from megaphi.config.schema import MegaphiConfig
+from megaphi.config.schema import ConfigError, MegaphiConfig
 
 logger = logging.getLogger("megaphi.benchmark")
 
@@ -317,3 +324,306 @@ def run_sft(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int) -> SFT
         pack_efficiency=rows.stats.efficiency(seq), step_time_s=elapsed / steps,
         real_tokens_per_s=real / elapsed, real_tokens_per_s_per_gpu=real / elapsed / rt.world_size,
         row_tokens_per_s=steps * t.global_batch_size * seq / elapsed, loss=result.loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO: token pairs in one forward pass, precomputed reference log-probs, packed pairs
+
+
+@dataclass
+class DPOMeasurement:
+    """One timed DPO variant: training steps of the real trainer (phase ``dpo``)."""
+
+    name: str  # one_segment, two_segments, precomputed, reference_forward, padded
+    description: str
+    seq_length: int
+    global_batch: int  # rows per step
+    pairs_per_epoch: int  # pairs that fit a row
+    rows_per_epoch: int
+    pack_efficiency: float  # real tokens / row tokens, over an epoch
+    pairs_per_step: float
+    step_time_s: float
+    pairs_per_s: float
+    real_tokens_per_s: float  # non-padding positions (seq_ids >= 0) of the policy's rows
+    row_tokens_per_s: float
+    loss: float
+
+
+@dataclass
+class DPOResult:
+    """The DPO variants timed side by side and the three comparisons drawn from them."""
+
+    measurements: List[DPOMeasurement]
+    token_pairs: int
+    """Token pairs in comparison 1 (those whose two-segment layout fits a row too)."""
+    token_pair_speedup: float
+    """Pairs/s of token pairs as one segment each over the same pairs as two segments each."""
+    token_logps_max_diff: float
+    """Largest |difference| of a token pair's chosen or rejected log-prob between the two
+    layouts (reference model, pairs seen in both; 0 when none was)."""
+    token_logps_pairs_compared: int
+    reference_step_ratio: float
+    """Step time with a reference forward pass each step over the step with precomputed
+    reference log-probs (same micro-batches)."""
+    reference_pass_pairs_per_s: float
+    """Forward-only speed of the reference pass that precomputes the log-probs (once a run)."""
+    packing_speedup: float
+    """Real tokens/s of packed pairs over padded pairs (one pair per row)."""
+
+    def figures(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def token_pairs_kept(source, seq_length: int) -> np.ndarray:
+    """Indices of the token pairs of the :class:`~megaphi.data.preference.PreferencePairs`
+    ``source`` whose two-segment form (twice the context) fits a row of ``seq_length``.
+
+    Raises:
+        ConfigError: there is none."""
+    from megaphi.data.preference import TOKEN
+
+    token = source.kinds == TOKEN
+    keep = np.flatnonzero(token & (2 * source.prompt_lengths <= seq_length)
+                          & (source.prompt_lengths > 0))
+    if not token.any():
+        raise ConfigError("data", f"{source.prefix} holds no token pairs, which the first "
+                          "comparison times", "pass a preference dataset with token pairs "
+                          "(Pivotal Token Search output: prefix_ids, chosen_token_id, "
+                          "rejected_token_id)")
+    if not len(keep):
+        raise ConfigError("model.seq_length", f"no token pair of {source.prefix} has a context "
+                          f"of at most {seq_length // 2} tokens, so none fits a row of "
+                          f"{seq_length} as two segments", "raise model.seq_length")
+    return keep
+
+
+def token_pair_datasets(prefix: str, out_prefix: str, seq_length: int) -> Tuple[str, str, int]:
+    """The token pairs of the preference dataset ``prefix`` in two layouts, as two datasets:
+    ``OUT.one`` keeps them as token pairs (one attention segment each: the context, whose last
+    position gives both next-token log-probs) and ``OUT.two`` writes each as a full-length pair
+    whose chosen and rejected responses are the single tokens (two segments, context + token
+    each: what a row per response computes). Only pairs whose two-segment form fits a row of
+    ``seq_length`` are kept, so both hold the same pairs in the same order (pair ``k`` of one
+    is pair ``k`` of the other). Returns the two prefixes and the number of pairs."""
+    from megaphi.data.preference import PreferencePairs
+    from megaphi.data.preprocess import AtomicDataset
+
+    source = PreferencePairs(prefix)
+    keep = token_pairs_kept(source, seq_length)
+    dtype = np.dtype(source.meta.get("dtype", "int32")).type  # the builder takes the type
+    out = {}
+    for layout in ("one", "two"):
+        path, tokens = f"{out_prefix}.{layout}", 0
+        with AtomicDataset(path, extra=True) as data:
+            builder = data.builder(dtype)
+            for i in keep.tolist():
+                pair = source[i]
+                if layout == "one":
+                    seqs = [pair.context, [pair.chosen_id, pair.rejected_id]]
+                else:
+                    seqs = [pair.context, [pair.chosen_id], [pair.rejected_id]]
+                builder.add_document(np.concatenate(seqs).astype(dtype), [len(s) for s in seqs])
+                data.write_extra(b"{}\n")
+                tokens += sum(len(s) for s in seqs)
+            meta = {**source.meta, "documents": len(keep), "tokens": tokens, "pairs": len(keep),
+                    "full_pairs": len(keep) if layout == "two" else 0,
+                    "token_pairs": len(keep) if layout == "one" else 0, "skipped_lines": 0,
+                    "inputs": [f"{prefix} (token pairs as {layout} segment"
+                               f"{'s' if layout == 'two' else ''} each)"]}
+            data.commit(meta)
+        out[layout] = path
+    return out["one"], out["two"], len(keep)
+
+
+def _reference_logps(chunks, micro: List[dict], shape: Tuple[int, int]) -> List[dict]:
+    """A forward-only pass of the reference ``chunks`` over the DPO micro-batches ``micro``
+    (the phase's own collect pass: :func:`megaphi.phases.dpo.logps_loss`), writing each pair's
+    reference log-probs into its row (``ref_chosen`` / ``ref_rejected``) in place. Returns the
+    reports (rows of ``(pair_index, chosen, rejected)``; on the last pipeline stage only)."""
+    from functools import partial
+
+    from megaphi.phases.dpo import dpo_forward_step, logps_loss
+    from megaphi.training.step import forward_backward
+
+    with torch.no_grad():
+        reports = forward_backward(chunks, micro, len(micro), seq_length=shape[0],
+                                   micro_batch_size=shape[1],
+                                   forward_step_func=partial(dpo_forward_step, logps_loss),
+                                   forward_only=True)
+        for batch, report in zip(micro, reports):
+            used = batch["pair_index"] >= 0  # row slots in the order logps_loss reports them
+            pairs = report["pairs"].to(batch["ref_chosen"].device)
+            batch["ref_chosen"][used] = pairs[:, 1].to(batch["ref_chosen"].dtype)
+            batch["ref_rejected"][used] = pairs[:, 2].to(batch["ref_rejected"].dtype)
+    return reports
+
+
+@dataclass
+class _Variant:
+    name: str
+    description: str
+    segments: object
+    rows: object
+    batches: List[List[dict]]
+    reference_forward: bool = False
+    elapsed: float = 0.0
+    pairs: float = 0.0
+    tokens: int = 0
+    loss: float = float("nan")
+
+
+def run_dpo(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int,
+            work_dir: str) -> DPOResult:
+    """Time DPO steps of the real trainer (:class:`megaphi.phases.dpo.DPOPhase`'s forward step
+    and loss, Megatron's schedule, DDP, the optimizer) for five variants at one config, their
+    steps interleaved (one step of each in turn) so a change in the machine's load hits all
+    alike:
+
+    1. ``one_segment`` / ``two_segments``: the token pairs of ``prefix`` as megaphi lays them
+       out (one segment per pair) and the same pairs as full pairs with one-token responses
+       (two segments per pair, what a row per response computes), packed; pairs/s;
+    2. ``precomputed`` / ``reference_forward``: the pairs of ``prefix`` packed, with the
+       reference log-probs precomputed in the rows, and the same micro-batches with a
+       forward-only pass of a second model instance (the reference) before each step;
+    3. ``precomputed`` / ``padded``: packed rows against one pair per row; real tokens/s.
+
+    The policy and the reference start from the same random weights (``train.seed``), as a
+    DPO run starts the policy from its reference. ``work_dir`` (shared by the ranks) receives
+    the two token-pair datasets. ``warmup`` untimed steps precede ``steps`` timed ones per
+    variant."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megaphi.data.loader import build_loader
+    from megaphi.data.preference import PairSegments, PreferencePairs
+    from megaphi.data.tokenizer import load_tokenizer
+    from megaphi.model.builder import build_model
+    from megaphi.model.init import initialize_weights
+    from megaphi.phases.dpo import DPOPhase, pair_rows
+    from megaphi.training.metrics import MetricsWriter
+    from megaphi.training.optim import build_optimizer, build_scheduler
+    from megaphi.training.step import wrap_for_training
+    from megaphi.training.trainer import Trainer
+
+    t, seq = cfg.train, cfg.model.seq_length
+    phase = DPOPhase(cfg)  # refuses configs the phase refuses (cp > 1, data.overlong)
+    pad_id = load_tokenizer(cfg.data.tokenizer).pad_id
+    token_pairs_kept(PreferencePairs(prefix), seq)  # every rank refuses data without any
+    if rt.is_main:
+        logger.info("writing the token pairs of %s in both layouts to %s", prefix, work_dir)
+        token_pair_datasets(prefix, str(Path(work_dir) / "token_pairs"), seq)
+    dist.barrier()
+    one, two = (str(Path(work_dir) / f"token_pairs.{k}") for k in ("one", "two"))
+
+    policy = build_model(cfg)
+    initialize_weights(policy, cfg.model, seed=t.seed)
+    policy = wrap_for_training(policy, distributed_optimizer=cfg.optimizer.distributed)
+    optimizer = build_optimizer(cfg, policy)
+    trainer = Trainer(cfg, rt, policy, optimizer, build_scheduler(cfg, optimizer),
+                      MetricsWriter("", False, enabled=False), phase)
+    reference = build_model(cfg)
+    initialize_weights(reference, cfg.model, seed=t.seed)
+    for chunk in reference:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    shape = phase.pipeline_shape(policy)
+
+    def variant(name, description, segments, packing, reference_forward=False, like=None):
+        if like is not None:  # the same rows and micro-batches as another variant
+            return _Variant(name, description, like.segments, like.rows, like.batches,
+                            reference_forward)
+        run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=packing))
+        rows = pair_rows(run, segments, pad_id, num_samples=(warmup + steps) * t.global_batch_size)
+        logger.info("%s: %s", name, rows.describe())
+        loader = iter(build_loader(rows, 0, t.micro_batch_size, ps.get_data_parallel_rank(),
+                                   rt.dp, num_workers=cfg.data.num_workers))
+        batches = [[trainer._to_device(next(loader)) for _ in range(trainer.num_microbatches)]
+                   for _ in range(warmup + steps)]  # loaded up front: the loop times steps only
+        return _Variant(name, description, segments, rows, batches)
+
+    try:
+        token_one = variant("one_segment", "token pairs, one segment per pair (megaphi)",
+                            PairSegments(one, seq), True)
+        token_two = variant("two_segments", "token pairs, two segments per pair (two rows)",
+                            PairSegments(two, seq), True)
+        mixed = PairSegments(prefix, seq)
+        packed = variant("precomputed", "pairs packed, reference log-probs precomputed "
+                         "(megaphi)", mixed, True)
+        with_ref = variant("reference_forward", "pairs packed, reference forward every step "
+                           "(NeMo-RL)", mixed, True, reference_forward=True, like=packed)
+        padded = variant("padded", "pairs padded, one per row, reference precomputed",
+                         mixed, False)
+        variants = [token_one, token_two, packed, with_ref, padded]
+
+        # The precomputed reference log-probs of every row (megaphi's one forward-only pass).
+        logps = {}
+        pass_time, pass_pairs = 0.0, 0
+        for v in (token_one, token_two, packed, padded):
+            logger.info("%s: reference log-probs of %d steps' rows (forward only)", v.name,
+                        len(v.batches))
+            found = logps.setdefault(v.name, {})
+            for micro in v.batches:
+                _sync(rt.device)
+                start = time.perf_counter()
+                reports = _reference_logps(reference, micro, shape)
+                _sync(rt.device)
+                if v is packed:
+                    pass_time += time.perf_counter() - start
+                    pass_pairs += sum(int((b["pair_index"] >= 0).sum()) for b in micro)
+                for report in reports:
+                    for index, chosen, rejected in report["pairs"].tolist():
+                        found[int(index)] = (chosen, rejected)
+        common = sorted(set(logps["one_segment"]) & set(logps["two_segments"]))
+        diff = max((abs(a - b) for k in common for a, b in zip(logps["one_segment"][k],
+                                                               logps["two_segments"][k])),
+                   default=0.0)
+        check = torch.tensor([diff, float(len(common)), pass_pairs / max(pass_time, 1e-9)],
+                             dtype=torch.float64, device=rt.device)
+        dist.all_reduce(check, op=dist.ReduceOp.MAX)  # only last-stage ranks have reports
+        diff, compared, pass_speed = check.tolist()
+
+        def one_step(v, micro):
+            if v.reference_forward:
+                _reference_logps(reference, micro, shape)
+            return trainer.step(micro)
+
+        for i in range(warmup):
+            logger.info("warm-up step %d of %d of each variant", i + 1, warmup)
+            for v in variants:
+                one_step(v, v.batches[i])
+        for i in range(warmup, warmup + steps):
+            logger.info("timed step %d of %d of each variant", i - warmup + 1, steps)
+            for v in variants:
+                _sync(rt.device)
+                start = time.perf_counter()
+                result = one_step(v, v.batches[i])
+                _sync(rt.device)
+                v.elapsed += time.perf_counter() - start
+                v.pairs += result.metrics["pairs"]
+                v.tokens += result.data_tokens
+                v.loss = result.loss
+    finally:
+        trainer.preemption.restore()
+
+    out = []
+    for v in variants:
+        out.append(DPOMeasurement(
+            name=v.name, description=v.description, seq_length=seq,
+            global_batch=t.global_batch_size, pairs_per_epoch=len(v.segments.sizes),
+            rows_per_epoch=v.rows.stats.rows, pack_efficiency=v.rows.stats.efficiency(seq),
+            pairs_per_step=v.pairs / steps, step_time_s=v.elapsed / steps,
+            pairs_per_s=v.pairs / v.elapsed, real_tokens_per_s=v.tokens / v.elapsed,
+            row_tokens_per_s=steps * t.global_batch_size * seq / v.elapsed, loss=v.loss))
+    del trainer, optimizer, policy, reference, variants, token_one, token_two, packed, \
+        with_ref, padded
+    gc.collect()
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    by = {m.name: m for m in out}
+    return DPOResult(
+        measurements=out, token_pairs=by["one_segment"].pairs_per_epoch,
+        token_pair_speedup=by["one_segment"].pairs_per_s / by["two_segments"].pairs_per_s,
+        token_logps_max_diff=diff, token_logps_pairs_compared=int(compared),
+        reference_step_ratio=by["reference_forward"].step_time_s / by["precomputed"].step_time_s,
+        reference_pass_pairs_per_s=pass_speed,
+        packing_speedup=by["precomputed"].real_tokens_per_s / by["padded"].real_tokens_per_s)

@@ -79,6 +79,7 @@ class Segments:
     name: str
     sizes: np.ndarray
     dropped: int = 0
+    unit: str = "segments"  # what a segment is, for logs
 
     def get(self, k: int) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -245,7 +246,8 @@ class PackedRows(torch.utils.data.Dataset):
         st = self.stats
         dropped = f", {st.dropped} dropped (longer than {self.seq_length} tokens)" \
             if st.dropped else ""
-        return (f"{self.segments.name}: {st.segments} segments{dropped} in {st.rows} rows of "
+        return (f"{self.segments.name}: {st.segments} {self.segments.unit}{dropped} in "
+                f"{st.rows} rows of "
                 f"{self.seq_length} per epoch, pack efficiency "
                 f"{100 * st.efficiency(self.seq_length):.1f}%")
 

@@ -296,6 +296,8 @@ class PairSegments(Segments):
         reference: ``(chosen, rejected)`` summed reference log-probs per pair of the dataset.
     """
 
+    unit = "pairs"
+
     def __init__(self, prefix, seq_length: int, first_pair: int = 0, reference=None):
         self.pairs = PreferencePairs(prefix)
         self.name, self.first_pair, self.reference = os.fspath(prefix), first_pair, reference

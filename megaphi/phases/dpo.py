@@ -94,8 +94,12 @@ def pair_logps(batch: Dict[str, torch.Tensor], logits: torch.Tensor) -> Dict[str
 
     b, s = batch["tokens"].shape
     logits = logits.reshape(b, s, -1)  # [1, b*s, v] in THD format
-    logps = vocab_parallel_logprobs(
-        logits, torch.stack([batch["labels"], batch["rejected_labels"]], dim=-1)).double()
+    scored = (batch["chosen_pair"] >= 0) | (batch["rejected_pair"] >= 0)
+    targets = torch.stack([batch["labels"], batch["rejected_labels"]], dim=-1)
+    logps = torch.zeros(b, s, 2, dtype=torch.float64, device=logits.device)
+    # Only the scored positions' distributions (responses, a token pair's last position).
+    logps = logps.masked_scatter(scored[..., None].expand(b, s, 2), vocab_parallel_logprobs(
+        logits[scored], targets[scored]).double())
 
     def per_slot(values, slots):  # sum of values over the positions of each row slot
         mask = slots >= 0
