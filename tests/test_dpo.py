@@ -234,6 +234,10 @@ def test_dpo_config_is_validated():
                        (["dpo.sft_weight=-1"], "dpo.sft_weight"), (["dpo.loss=hinge"], "dpo.loss")):
         with pytest.raises(ConfigError, match=f"^{field}: "):
             load_config("tiny", overrides=[*base, *bad])
+    for path in ("examples/phi4_14b_dpo_round1.yaml", "examples/phi4_14b_dpo_round2.yaml",
+                 "examples/tiny_dpo.yaml"):
+        cfg = load_config(config_file=str(ROOT / path))
+        assert cfg.phase.name == "dpo" and cfg.dpo.beta == 0.1 and cfg.checkpoint.load
     from megaphi.phases import get_phase
 
     for bad, field in ((["data.overlong=truncate"], "data.overlong"),):

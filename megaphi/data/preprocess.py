@@ -822,6 +822,18 @@ def _ordered_results(job: _ChunkJob, tasks: Iterator[_Task],
 # Output
 
 
+def content_hash(idx_path: str, bin_path: str) -> str:
+    """SHA-256 of an indexed dataset's ``.idx`` then ``.bin`` bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in (idx_path, bin_path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 class AtomicDataset:
     """Temp files next to the final ones; renamed on :meth:`commit`, removed on any failure."""
 
@@ -856,10 +868,14 @@ class AtomicDataset:
         self._extra.write(data)
 
     def commit(self, meta: dict) -> int:
-        """Finish the index, write the meta and rename all three; returns .bin + .idx bytes."""
+        """Finish the index, write the meta and rename all three; returns .bin + .idx bytes.
+        A preference dataset's meta records the SHA-256 of its contents (``sha256``), which
+        fingerprints the data of DPO's stored reference log-probs without rereading it."""
         self._builder.finalize(self.temp["idx"])
         if self._extra is not None:
             self._extra.close()
+        if meta.get("kind") == "preference":
+            meta = {**meta, "sha256": content_hash(self.temp["idx"], self.temp["bin"])}
         with open(self.temp["meta"], "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")

@@ -4,8 +4,9 @@
 reference log-probs of each pair's chosen and rejected response (a token pair's two next-token
 log-probs), NaN for a pair too long for a row, with a fingerprint:
 
-* of each dataset: SHA-256 of its ``.idx`` and ``.bin`` (the arrays are keyed by it, so moving
-  or renaming data files keeps the cache valid, and changing their contents does not);
+* of each dataset: SHA-256 of its ``.idx`` and ``.bin``, recorded by preprocessing in its
+  ``meta.json`` (the arrays are keyed by it, so moving or renaming data files keeps the cache
+  valid, and changing their contents does not);
 * of the reference: SHA-256 of its ``megaphi.json`` (config and step), its
   ``.metadata`` (tensor layout) and the first MiB of every shard file (weights);
 * of ``model.seq_length``, which decides the pairs that fit a row.
@@ -56,8 +57,16 @@ def _hash_files(paths: Sequence[Path], limit: Optional[int] = None) -> str:
 
 
 def dataset_hash(prefix: str) -> str:
-    """SHA-256 of a dataset's ``.idx`` and ``.bin``: what its pairs are."""
-    return _hash_files([Path(prefix + ".idx"), Path(prefix + ".bin")])
+    """SHA-256 of a dataset's ``.idx`` and ``.bin``: what its pairs are. Preprocessing records
+    it in ``PREFIX.meta.json`` (so the ranks of a large job do not each reread the data); a
+    dataset without it is hashed here."""
+    from megaphi.data.preprocess import content_hash, dataset_paths, read_meta
+
+    recorded = read_meta(prefix).get("sha256")
+    if recorded:
+        return recorded
+    paths = dataset_paths(prefix)
+    return content_hash(paths["idx"], paths["bin"])
 
 
 def reference_hash(iter_dir: Path) -> str:
