@@ -341,12 +341,13 @@ class DPOMeasurement:
     pairs_per_epoch: int  # pairs that fit a row
     rows_per_epoch: int
     pack_efficiency: float  # real tokens / row tokens, over an epoch
-    pairs_per_step: float
-    step_time_s: float
-    pairs_per_s: float
+    pairs_per_step: float  # mean over the timed steps
+    step_time_s: float  # median of the timed steps (robust to other processes' load)
+    pairs_per_s: float  # pairs per step / step time
     real_tokens_per_s: float  # non-padding positions (seq_ids >= 0) of the policy's rows
     row_tokens_per_s: float
-    loss: float
+    loss: float  # of the last timed step
+    step_times_s: List[float]  # every timed step
 
 
 @dataclass
@@ -466,7 +467,7 @@ class _Variant:
     rows: object
     batches: List[List[dict]]
     reference_forward: bool = False
-    elapsed: float = 0.0
+    times: List[float] = dataclasses.field(default_factory=list)
     pairs: float = 0.0
     tokens: int = 0
     loss: float = float("nan")
@@ -488,9 +489,12 @@ def run_dpo(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int,
     3. ``precomputed`` / ``padded``: packed rows against one pair per row; real tokens/s.
 
     The policy and the reference start from the same random weights (``train.seed``), as a
-    DPO run starts the policy from its reference. ``work_dir`` (shared by the ranks) receives
-    the two token-pair datasets. ``warmup`` untimed steps precede ``steps`` timed ones per
-    variant."""
+    DPO run starts the policy from its reference; every row carries its pairs' reference
+    log-probs, computed before the timed loop by the reference's forward-only pass (the
+    ``reference_forward`` variant recomputes them each step). ``work_dir`` (shared by the
+    ranks) receives the two token-pair datasets. ``warmup`` untimed steps precede ``steps``
+    timed ones per variant; a variant's step time is the median of its timed steps (robust to
+    other processes' load), its pairs/s and real tokens/s the mean per step over that."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -577,10 +581,16 @@ def run_dpo(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int,
         diff = max((abs(a - b) for k in common for a, b in zip(logps["one_segment"][k],
                                                                logps["two_segments"][k])),
                    default=0.0)
-        check = torch.tensor([diff, float(len(common)), pass_pairs / max(pass_time, 1e-9)],
-                             dtype=torch.float64, device=rt.device)
+        check = torch.tensor([diff, float(len(common)), pass_time], dtype=torch.float64,
+                             device=rt.device)
         dist.all_reduce(check, op=dist.ReduceOp.MAX)  # only last-stage ranks have reports
-        diff, compared, pass_speed = check.tolist()
+        diff, compared, pass_time = check.tolist()
+        one_copy = ps.get_tensor_model_parallel_rank() == 0 and \
+            ps.get_pipeline_model_parallel_rank() == 0  # each data-parallel rank's rows once
+        pass_pairs = torch.tensor(float(pass_pairs if one_copy else 0), dtype=torch.float64,
+                                  device=rt.device)
+        dist.all_reduce(pass_pairs)
+        pass_speed = pass_pairs.item() / max(pass_time, 1e-9)
 
         def one_step(v, micro):
             if v.reference_forward:
@@ -598,7 +608,7 @@ def run_dpo(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int,
                 start = time.perf_counter()
                 result = one_step(v, v.batches[i])
                 _sync(rt.device)
-                v.elapsed += time.perf_counter() - start
+                v.times.append(time.perf_counter() - start)
                 v.pairs += result.metrics["pairs"]
                 v.tokens += result.data_tokens
                 v.loss = result.loss
@@ -607,18 +617,16 @@ def run_dpo(cfg: MegaphiConfig, rt, prefix: str, warmup: int, steps: int,
 
     out = []
     for v in variants:
+        step_time = float(np.median(v.times))
         out.append(DPOMeasurement(
             name=v.name, description=v.description, seq_length=seq,
             global_batch=t.global_batch_size, pairs_per_epoch=len(v.segments.sizes),
             rows_per_epoch=v.rows.stats.rows, pack_efficiency=v.rows.stats.efficiency(seq),
-            pairs_per_step=v.pairs / steps, step_time_s=v.elapsed / steps,
-            pairs_per_s=v.pairs / v.elapsed, real_tokens_per_s=v.tokens / v.elapsed,
-            row_tokens_per_s=steps * t.global_batch_size * seq / v.elapsed, loss=v.loss))
-    del trainer, optimizer, policy, reference, variants, token_one, token_two, packed, \
-        with_ref, padded
-    gc.collect()
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
+            pairs_per_step=v.pairs / steps, step_time_s=step_time,
+            pairs_per_s=v.pairs / steps / step_time,
+            real_tokens_per_s=v.tokens / steps / step_time,
+            row_tokens_per_s=t.global_batch_size * seq / step_time, loss=v.loss,
+            step_times_s=v.times))
     by = {m.name: m for m in out}
     return DPOResult(
         measurements=out, token_pairs=by["one_segment"].pairs_per_epoch,

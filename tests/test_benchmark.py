@@ -55,3 +55,33 @@ def test_benchmark_refuses_bad_settings():
     proc = subprocess.run([sys.executable, str(TOOL), *TINY[:-6], "--spec", "te"],
                           capture_output=True, text=True, env=worker_env(), timeout=300)
     assert proc.returncode == 2 and "--spec" in proc.stderr
+
+
+def test_benchmark_dpo_reports_the_three_comparisons():
+    """tools/benchmark_dpo.py at a very small setting (one timed step of each variant, rows of
+    128): the JSON line has every figure, positive, and the two token-pair layouts hold the
+    same pairs (twice the pairs per row as one segment each)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark_dpo.py"), "--steps", "1", "--warmup",
+         "0", "--json", "--quiet", "model.seq_length=128", "train.micro_batch_size=1",
+         "train.global_batch_size=1"],
+        capture_output=True, text=True, env=worker_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "one forward pass vs two rows per pair" in proc.stdout
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("token_pair_speedup", "reference_step_ratio", "packing_speedup",
+                "reference_pass_pairs_per_s"):
+        assert out[key] > 0, key
+    assert out["token_logps_max_diff"] < 1e-4  # the layouts agree on the pairs both saw
+    by = {m["name"]: m for m in out["measurements"]}
+    assert set(by) == {"one_segment", "two_segments", "precomputed", "reference_forward",
+                       "padded"}
+    for m in by.values():
+        assert m["seq_length"] == 128 and m["global_batch"] == 1
+        assert m["step_time_s"] > 0 and m["pairs_per_s"] > 0 and m["real_tokens_per_s"] > 0
+        assert m["pairs_per_step"] >= 1 and len(m["step_times_s"]) == 1
+    assert by["one_segment"]["pairs_per_epoch"] == by["two_segments"]["pairs_per_epoch"] \
+        == out["token_pairs"] > 0
+    assert by["one_segment"]["rows_per_epoch"] < by["two_segments"]["rows_per_epoch"]
+    assert by["padded"]["rows_per_epoch"] == by["padded"]["pairs_per_epoch"]
+    assert by["padded"]["pack_efficiency"] < by["precomputed"]["pack_efficiency"]

@@ -258,9 +258,10 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank."""
     packing: bool = True
-    """Chat data (SFT): pack whole conversations into rows of ``model.seq_length`` tokens, with
-    attention kept inside each conversation and positions restarting at 0 for each. ``false``
-    puts one conversation per row, padded (for comparison; much slower)."""
+    """Chat data (SFT) and preference pairs (DPO): pack whole conversations (pairs) into rows of
+    ``model.seq_length`` tokens, with attention kept inside each sequence and positions
+    restarting at 0 for each. ``false`` puts one conversation (pair) per row, padded (for
+    comparison; much slower)."""
     overlong: Literal["drop", "truncate"] = "drop"
     """Chat data (SFT): what to do with a conversation longer than ``model.seq_length``:
     ``drop`` it (counted in the log) or ``truncate`` it to the row."""

@@ -125,7 +125,9 @@ def dpo_loss(dpo: DPOConfig, batch: Dict[str, torch.Tensor], output: torch.Tenso
                                       p["ref_rejected"], p["chosen_tokens"],
                                       p["rejected_tokens"], dpo)
     pairs = torch.tensor(float(len(losses)), dtype=torch.float64, device=losses.device)
-    loss_sum = losses.sum() + 0.0 * output.sum()  # connected to the graph with no pairs too
+    loss_sum = losses.sum()
+    if not len(losses):  # a micro-batch of padding rows: still a graph to run backward on
+        loss_sum = loss_sum + 0.0 * output.sum()
     report = {"loss": torch.stack([loss_sum.detach(), pairs])}
     for name, values in metrics.items():
         report[name] = torch.stack([values.sum(), pairs])
@@ -138,7 +140,7 @@ def logps_loss(batch: Dict[str, torch.Tensor], output: torch.Tensor):
     p = pair_logps(batch, output)
     rows = torch.stack([p["pair_index"].double(), p["chosen"].detach(),
                         p["rejected"].detach()], dim=1)
-    zero = output.sum() * 0.0
+    zero = torch.zeros((), device=output.device)  # forward only: nothing to differentiate
     return zero, torch.tensor(max(len(rows), 1), dtype=torch.int, device=output.device), \
         {"pairs": rows}
 
