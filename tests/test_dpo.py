@@ -290,3 +290,28 @@ def test_reference_cache_file_is_complete_or_absent(tmp_path):
                           values["a"][1], equal_nan=True)
     assert reference.load_cached(tmp_path / "new", fp) is None
     os.remove(reference.cache_path(tmp_path))
+
+
+def test_loss_and_gradients_are_exact_means_over_pairs_at_every_layout(step0):
+    """Against a reference of other weights (per-pair losses differ), the reduced loss and
+    rewards of a global batch of 8 rows equal plain means over its pairs, computed here from
+    each pair's log-probs with the DPO formula, at TP2 x PP2, TP2, PP2 and DP4 (micro-batches
+    and ranks holding different numbers of pairs); the gradients agree across the layouts."""
+    beta, base = 0.25, None
+    for layout in ("tp2pp2", "tp2", "pp2", "dp"):
+        run = step0[layout]["other_reference"]
+        index = np.array(run["pairs"])
+        (pc, pr), (rc, rr) = run["policy"], run["reference"]
+        z = (pc[index] - rc[index]) - (pr[index] - rr[index])
+        expected = np.mean(np.log1p(np.exp(-beta * z)))  # -log sigmoid(beta z)
+        m = run["metrics"]
+        assert m["pairs"] == len(index) > 8
+        assert m["loss"] == pytest.approx(expected, rel=1e-6)
+        assert m["rewards/margin"] == pytest.approx(np.mean(beta * z), rel=1e-6, abs=1e-9)
+        assert m["rewards/accuracy"] == pytest.approx(np.mean(z > 0))
+        assert 0 < m["rewards/accuracy"] < 1  # the loss is not ln 2 everywhere
+        if base is None:
+            base = run["grads"]
+            continue
+        for name, grad in run["grads"].items():  # fp32: reduction orders differ with TP
+            assert (grad - base[name]).norm() <= 1e-4 * base[name].norm(), (layout, name)

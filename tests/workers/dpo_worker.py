@@ -1,12 +1,16 @@
-"""DPO at step 0 with the policy equal to the reference, at several layouts in one launch
-(torchrun, CPU, gloo; a 1,024-token vocabulary and no tokenizer keep it fast).
+"""DPO at several layouts in one launch (torchrun, CPU, gloo; a 1,024-token vocabulary and no
+tokenizer keep it fast): step 0 with the policy equal to the reference, then a step against a
+different reference.
 
 Rank 0 writes a small preference dataset (full-length pairs and token pairs of random ids).
 For each layout the real phase code computes the reference log-probs with a forward-only
 pass (:func:`megaphi.phases.dpo.collect_logps`), packs the pairs into rows carrying them, and
 runs one training step's schedule and reduction (``Trainer._run_schedule``, ``_reduce``). A
 second schedule on a global batch holding a single token pair records the gradient of the
-loss with respect to the last stage's vocabulary-parallel logits, gathered over TP.
+loss with respect to the last stage's vocabulary-parallel logits, gathered over TP. A third
+runs the same 8 rows against a reference of other weights: rank 0 saves the reduced metrics,
+the pairs of those rows, every pair's policy and reference log-probs and the full gradients,
+for a check of the per-pair normalisation against a plain mean over the pairs.
 
     torchrun --nproc-per-node 4 tests/workers/dpo_worker.py OUT.pt tp2pp2 tp2 pp2 dp
 """
@@ -65,7 +69,8 @@ def main():
     from megaphi.data.preference import PairSegments
     from megaphi.model.builder import build_model
     from megaphi.model.init import initialize_weights
-    from megaphi.phases.dpo import DPOPhase, collect_logps, pair_rows
+    from megaphi.model.partition import gather_full
+    from megaphi.phases.dpo import DPOPhase, collect_logps, pair_rows, response_lengths
     from megaphi.training.metrics import MetricsWriter
     from megaphi.training.step import wrap_for_training
     from megaphi.training.trainer import Trainer
@@ -81,7 +86,7 @@ def main():
         cfg = load_config("tiny", overrides=[
             f"model.vocab_size={VOCAB}", f"model.seq_length={SEQ}", "model.init_std=0.3",
             "precision.dtype=fp32", f"parallel.tp={tp}", f"parallel.pp={pp}",
-            "train.micro_batch_size=2", f"train.global_batch_size={2 * dp * 2}",
+            "train.micro_batch_size=2", "train.global_batch_size=8",
             "phase.name=dpo", "checkpoint.load=unused", f"dpo.beta={BETA}"])
         rt = init_runtime(cfg.parallel, seed=1)
         dist.barrier()  # the dataset is written
@@ -135,6 +140,26 @@ def main():
         gathered = [None] * world
         dist.all_gather_object(gathered, result.get("grad"))
         result["grad"] = next((g for g in gathered if g is not None), None)
+
+        # The same 8 rows against a reference of other weights: per-pair losses differ.
+        reference = build_model(cfg)
+        initialize_weights(reference, cfg.model, seed=8)
+        ref_logps = collect_logps(cfg, rt, reference, [prefix], pad, what="reference")
+        rows = pair_rows(cfg, PairSegments(prefix, SEQ, reference=ref_logps[prefix]), 0,
+                         num_samples=cfg.train.global_batch_size)
+        mine = [rows[i] for i in range(len(rows))][ps.get_data_parallel_rank()::dp]
+        micro = [{k: torch.stack([r[k] for r in mine[i:i + 2]]) for k in mine[0]}
+                 for i in range(0, len(mine), 2)]
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        metrics = trainer._reduce(trainer._run_schedule(micro, forward_only=False), micro)[0]
+        grads = gather_full(chunks, grads=True)
+        result["other_reference"] = {
+            "metrics": metrics, "grads": grads,
+            "pairs": [p for i in range(len(rows)) for p in rows[i]["pair_index"].tolist()
+                      if p >= 0],
+            "policy": phase.logps[prefix], "reference": ref_logps[prefix],
+            "lengths": response_lengths([prefix])[prefix]}
         results[name] = result
         ps.destroy_model_parallel()
     if int(os.environ["RANK"]) == 0:
