@@ -37,7 +37,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # CPU-only pipelines run without a GPU,
         "hf": HF,
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF],
+        # TRL only for tests/test_dpo_parity.py (DPO loss parity); pinned: the test drives
+        # DPOTrainer's evaluation, whose loss code moves between releases.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF, "trl==1.16.0"],
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",

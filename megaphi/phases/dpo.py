@@ -19,7 +19,8 @@ and pipeline-parallel ranks. Context parallelism is not supported (packed rows a
 over context-parallel ranks). Metrics use TRL's names and its convention (rewards are
 ``beta * (policy - reference)`` log-probs): ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracy`` (a tie is not a win), ``rewards/margin``, ``logps/chosen``,
-``logps/rejected``; each is a mean over pairs.
+``logps/rejected``; each is a mean over pairs. They use the log-probs the loss uses: with
+``dpo.average_logps`` the per-token averages (TRL's ``ipo`` averages in its loss but logs sums).
 """
 
 from __future__ import annotations
@@ -278,6 +279,7 @@ class DPOPhase(Phase):
                                    load_tokenizer(self.cfg.data.tokenizer),
                                    what="reference log-probs")
         if rt.is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
             path = ref.save(run_dir, self.fingerprint, self.logps)
             logger.info("stored the reference log-probs in %s", path)
 
