@@ -268,8 +268,10 @@ class DPOPhase(Phase):
 
         run_dir = self.cfg.train.run_dir
         if self.logps is not None:
-            logger.info("reference log-probs of %d pairs: reused from %s (not recomputed)",
-                        sum(len(c) for c, _ in self.logps.values()), ref.cache_path(run_dir))
+            logger.info("reference log-probs of %d pairs (%d fit a row): reused from %s (not "
+                        "recomputed)", sum(len(c) for c, _ in self.logps.values()),
+                        sum(int((~np.isnan(c)).sum()) for c, _ in self.logps.values()),
+                        ref.cache_path(run_dir))
             return
         logger.info("computing the reference log-probs of every pair with %s (one forward-"
                     "only pass)", self.reference)
