@@ -1,0 +1,89 @@
+"""Pivotal Token Search: the Figure 4 bisection on planted pivots, its split point and cost."""
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from megaphi.pts import pivotal_tokens, split_point
+
+
+def planted(n: int, jumps: dict, base: float = 0.1):
+    """A p(success | prefix) that depends only on the prefix length: ``base`` plus each jump
+    ``{position: delta}`` once the token at ``position`` is in the prefix (near-monotone, as
+    the report assumes); records every call."""
+    calls = Counter()
+
+    def p_success(prefix):
+        calls[tuple(prefix)] += 1
+        k = len(prefix)
+        return base + sum(d for pos, d in jumps.items() if pos < k)
+
+    return p_success, calls
+
+
+@pytest.mark.parametrize("jumps", [{137: 0.3, 400: 0.35}, {3: 0.25, 500: 0.3},
+                                   {0: 0.5}, {511: 0.4}, {200: 0.25, 201: 0.3}])
+def test_planted_pivots_are_found_with_their_probabilities(jumps):
+    n = 512
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 100_000, n).tolist()
+    logprobs = (-rng.exponential(1.0, n)).tolist()
+    p_success, calls = planted(n, jumps)
+    pivots = pivotal_tokens(ids, logprobs, p_success, p_gap=0.2)
+    assert [p.index for p in pivots] == sorted(jumps)
+    level = 0.1
+    for pivot in pivots:
+        assert pivot.p_before == pytest.approx(level)
+        level += jumps[pivot.index]
+        assert pivot.p_after == pytest.approx(level) and pivot.delta == pytest.approx(
+            jumps[pivot.index])
+    assert max(calls.values()) == 1  # each prefix estimated once
+    assert all(list(prefix) == ids[:len(prefix)] for prefix in calls)  # ids, never re-tokenised
+    # about 2 + 2 k log2(n) estimates, not a scan of n + 1
+    assert len(calls) <= 2 + 2 * len(jumps) * math.log2(n) * 1.6, len(calls)
+
+
+def test_estimates_grow_like_k_log_n():
+    rng = np.random.default_rng(1)
+    counts = {}
+    for n in (64, 512, 4096):
+        p_success, calls = planted(n, {n // 3: 0.3, 2 * n // 3: 0.3})
+        pivotal_tokens(list(range(n)), (-rng.exponential(1.0, n)).tolist(), p_success)
+        counts[n] = len(calls)
+    assert counts[512] < 60 and counts[4096] < 80, counts  # against 513 and 4097 for a scan
+    assert counts[4096] - counts[512] < 2 * (counts[512] - counts[64]) + 10, counts
+
+
+def test_no_pivot_below_the_gap_and_flat_segments_are_not_searched():
+    p_success, calls = planted(100, {50: 0.15})
+    assert pivotal_tokens(list(range(100)), [-1.0] * 100, p_success, p_gap=0.2) == []
+    assert len(calls) == 2  # p(empty) and p(whole): close, so nothing is split
+
+
+def test_the_first_split_is_the_log_probability_midpoint():
+    """log-probs -1..-5: cumulative 0, -1, -3, -6, -10, -15; half the total is -7.5, nearest
+    is -6 after 3 tokens (the token midpoint would be after 2)."""
+    logprobs = [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert split_point(logprobs, 0, 5) == 3
+    p_success, calls = planted(5, {4: 0.5})
+    order = []
+    pivotal_tokens([10, 11, 12, 13, 14], logprobs,
+                   lambda prefix: (order.append(len(prefix)), p_success(prefix))[1])
+    assert order[:3] == [0, 5, 3]
+    # certain tokens (log-prob 0) carry no information: the token midpoint
+    assert split_point([0.0] * 6, 0, 6) == 3
+    # the closed form on a random segment
+    rng = np.random.default_rng(2)
+    lp = (-rng.exponential(2.0, 40)).tolist()
+    cum = np.concatenate([[0.0], np.cumsum(lp[5:30])])
+    expected = 5 + 1 + int(np.argmin(np.abs(cum[1:-1] - cum[-1] / 2)))
+    assert split_point(lp, 5, 30) == expected
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="2 token ids but 1 log-probs"):
+        pivotal_tokens([1, 2], [-1.0], lambda p: 0.5)
+    with pytest.raises(ValueError, match="p_gap"):
+        pivotal_tokens([1], [-1.0], lambda p: 0.5, p_gap=0.0)
