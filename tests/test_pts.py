@@ -87,3 +87,74 @@ def test_bad_arguments_are_refused():
         pivotal_tokens([1, 2], [-1.0], lambda p: 0.5)
     with pytest.raises(ValueError, match="p_gap"):
         pivotal_tokens([1], [-1.0], lambda p: 0.5, p_gap=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout estimates and the token pair of a pivot (a scripted stand-in for the policy backend)
+
+
+class DecidedAt:
+    """A stand-in policy over ids 0..9 for completions of ``length`` tokens: the token at
+    ``position`` is 3 with probability ``p`` (success), another id otherwise; every other
+    token is uniform. Success depends only on that token: p(prefix) is ``p`` before it, 1 or
+    0 after it."""
+
+    def __init__(self, length=12, position=5, p=0.5):
+        self.length, self.position, self.p, self.calls = length, position, p, []
+
+    def complete(self, prompt_ids, n, seed):
+        import random
+
+        self.calls.append((list(prompt_ids), n, seed))
+        rng = random.Random(seed)
+        done = len(prompt_ids) - 2  # the prompt is 2 query ids + the prefix
+        out = []
+        for _ in range(n):
+            c = []
+            for k in range(done, self.length):
+                if k == self.position:
+                    c.append(3 if rng.random() < self.p else rng.choice([0, 1, 2, 4, 5]))
+                else:
+                    c.append(rng.randrange(10))
+            out.append(c)
+        return out
+
+    def check(self, completion):
+        return len(completion) > self.position and completion[self.position] == 3
+
+
+def test_estimator_finds_the_deciding_token_and_its_pair():
+    from megaphi.pts.estimate import SuccessEstimator, confirm, token_pair
+
+    policy = DecidedAt()
+    est = SuccessEstimator(policy, policy.check, query_ids=[100, 101], rollouts=40, seed=7)
+    solution = [1, 2, 3, 4, 5, 3, 6, 7, 8, 9, 0, 1]  # token 3 at position 5: a success
+    logprobs = [-2.3] * 12
+    logprobs[5] = -0.7
+    pivots = pivotal_tokens(solution, logprobs, est, p_gap=0.2)
+    assert [p.index for p in pivots] == [5]
+    assert pivots[0].p_after == 1.0 and 0.3 < pivots[0].p_before < 0.7
+    assert est.rollouts_used == 40 * est.estimates and est.estimates < 13
+    assert len({tuple(c[0]) for c in policy.calls}) == len(policy.calls)  # one draw a prefix
+    pair = token_pair(est, solution[:5], solution[5], pivots[0].delta)
+    assert pair is not None and pair[0] == 3 and pair[1] in (0, 1, 2, 4, 5)
+    before = est.rollouts_used
+    holds, p_acc, p_rej = confirm(est, solution[:5], pair, p_gap=0.2)
+    assert holds and (p_acc, p_rej) == (1.0, 0.0)
+    assert est.rollouts_used == before + 80  # fresh rollouts, not the memoised ones
+    # the same seed draws the same rollouts; another seed others
+    again = SuccessEstimator(policy, policy.check, [100, 101], rollouts=40, seed=7)
+    assert again(solution[:5]) == est(solution[:5])
+    other = SuccessEstimator(policy, policy.check, [100, 101], rollouts=40, seed=8)
+    assert other.draw(solution[:5]) != est.draw(solution[:5])
+
+
+def test_a_token_that_lowers_success_is_the_rejected_one():
+    from megaphi.pts.estimate import SuccessEstimator, token_pair
+
+    policy = DecidedAt(p=0.6)
+    est = SuccessEstimator(policy, policy.check, [100, 101], rollouts=40, seed=3)
+    failed = [1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 0, 1]  # position 5 is not 3: a failure
+    pivots = pivotal_tokens(failed, [-1.0] * 12, est)
+    assert [p.index for p in pivots] == [5] and pivots[0].delta < 0
+    assert token_pair(est, failed[:5], 0, pivots[0].delta) == (3, 0)
