@@ -1,0 +1,87 @@
+"""Rollout backends for Pivotal Token Search: they continue a prompt of token ids with the
+policy's sampling settings and return the continuations' token ids.
+
+- :class:`MegaphiBackend`: a megaphi checkpoint in this process (``InferenceModel``), the ``n``
+  rollouts of a prompt sampled as one batch on one KV cache.
+- :class:`OpenAIBackend`: any OpenAI-compatible completions endpoint that takes prompt token
+  ids and returns token ids (vLLM and SGLang with ``return_token_ids``, ``megaphi-serve``),
+  through the ``openai`` client. The API key comes from an environment variable.
+
+Both take the same :class:`Sampling`, so with ``megaphi-serve`` behind it the ``openai``
+backend returns what the ``megaphi`` backend returns for the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The policy's sampling settings for rollouts."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop_ids: Sequence[int] = field(default_factory=tuple)
+    """A rollout ends after any of these ids (Phi-4: ``<|im_end|>``, ``<|endoftext|>``)."""
+
+
+class MegaphiBackend:
+    """Rollouts from an :class:`~megaphi.inference.InferenceModel` in this process."""
+
+    def __init__(self, model, sampling: Sampling):
+        self.model, self.sampling = model, sampling
+
+    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+        s = self.sampling
+        budget = min(s.max_new_tokens, self.model.config.model.seq_length - len(prompt_ids))
+        if budget < 1:
+            return [[] for _ in range(n)]
+        out = self.model.generate(prompt_ids, max_new_tokens=budget, temperature=s.temperature,
+                                  top_p=s.top_p, stop_ids=s.stop_ids, seed=seed,
+                                  num_samples=n)
+        return [g.token_ids for g in out]
+
+
+class OpenAIBackend:
+    """Rollouts from an OpenAI-compatible ``/v1/completions`` endpoint, prompt as token ids.
+
+    Args:
+        endpoint: the base URL, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the served model's name.
+        sampling: the sampling settings.
+        api_key_env: the environment variable holding the API key (none needed if unset).
+    """
+
+    def __init__(self, endpoint: str, model: str, sampling: Sampling,
+                 api_key_env: Optional[str] = "OPENAI_API_KEY", timeout_s: float = 600.0):
+        from openai import OpenAI
+
+        key = os.environ.get(api_key_env, "") if api_key_env else ""
+        self.client = OpenAI(base_url=endpoint, api_key=key or "none", timeout=timeout_s,
+                             max_retries=3)
+        self.model, self.sampling = model, sampling
+
+    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+        s = self.sampling
+        response = self.client.completions.create(
+            model=self.model, prompt=list(prompt_ids), n=n, seed=seed,
+            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+            extra_body={"return_token_ids": True, "stop_token_ids": list(s.stop_ids),
+                        "skip_special_tokens": False})
+        choices = sorted(response.choices, key=lambda c: c.index)
+        out = []
+        for choice in choices:
+            ids = getattr(choice, "token_ids", None)
+            if ids is None:
+                raise RuntimeError(f"{self.client.base_url} returned no token ids; the "
+                                   "endpoint must support return_token_ids (vLLM, SGLang, "
+                                   "megaphi-serve)")
+            out.append([int(t) for t in ids])
+        return out
+
+
+__all__ = ["MegaphiBackend", "OpenAIBackend", "Sampling"]
