@@ -102,7 +102,7 @@ class DecidedAt:
     def __init__(self, length=12, position=5, p=0.5):
         self.length, self.position, self.p, self.calls = length, position, p, []
 
-    def complete(self, prompt_ids, n, seed):
+    def sample(self, prompt_ids, n, seed):
         import random
 
         self.calls.append((list(prompt_ids), n, seed))
@@ -116,7 +116,7 @@ class DecidedAt:
                     c.append(3 if rng.random() < self.p else rng.choice([0, 1, 2, 4, 5]))
                 else:
                     c.append(rng.randrange(10))
-            out.append(c)
+            out.append((c, [-1.0] * len(c)))
         return out
 
     def check(self, completion):
@@ -158,3 +158,79 @@ def test_a_token_that_lowers_success_is_the_rejected_one():
     pivots = pivotal_tokens(failed, [-1.0] * 12, est)
     assert [p.index for p in pivots] == [5] and pivots[0].delta < 0
     assert token_pair(est, failed[:5], 0, pivots[0].delta) == (3, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run over a questions file: filter, pairs in the DPO format, resumable output
+
+
+def write_questions(path, n):
+    import json
+
+    lines = [json.dumps({"id": f"q{i}", "question": f"Question {i}?", "type": "math",
+                         "answer": "3"}) for i in range(n)]
+    lines.insert(1, json.dumps({"id": "easy", "messages": [{"role": "user", "content": "Hi"}],
+                                "type": "math", "answer": "3"}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_pts(tmp_path, out, stop_after=None):
+    from megaphi.data.tokenizer import Phi4Tokenizer
+    from megaphi.pts.run import SearchSettings, load_questions, run
+
+    tok = Phi4Tokenizer()
+    questions = load_questions(str(tmp_path / "q.jsonl"))
+    calls = []
+
+    class Policy(DecidedAt):
+        def sample(self, prompt_ids, n, seed):
+            calls.append(1)
+            if stop_after is not None and len(calls) > stop_after:
+                raise KeyboardInterrupt  # a kill in the middle of a question
+            sep = tok.encode("<|im_sep|>")[0]  # the prefix follows the assistant header
+            prefix = prompt_ids[len(prompt_ids) - prompt_ids[::-1].index(sep):]
+            return super().sample([0, 0] + prefix, n, seed)
+
+    def is_correct(question, text):
+        return question["id"] == "easy" or (len(text) > 5 and text[5] == tok.decode([3]))
+
+    return run(questions, tok, Policy(), is_correct, SearchSettings(rollouts=40, seed=1),
+               str(out), progress=False)
+
+
+def test_pts_run_writes_confirmed_token_pairs_and_resumes_without_duplicates(tmp_path):
+    import json
+
+    write_questions(tmp_path / "q.jsonl", 3)
+    straight = tmp_path / "straight.jsonl"
+    summary = run_pts(tmp_path, straight)
+    assert summary["questions"] == 4 and summary["kept"] == 3  # "easy": p = 1, not searched
+    pairs = [json.loads(x) for x in straight.read_text().splitlines()]
+    assert pairs and all(p["position"] == 5 and p["chosen_token_id"] == 3 for p in pairs)
+    for p in pairs:
+        assert set(p) >= {"prompt", "prefix_ids", "chosen_token_id", "rejected_token_id",
+                          "question_id", "p_before", "p_after", "rollouts", "p_chosen"}
+        assert len(p["prefix_ids"]) == 5 and p["p_chosen"] - p["p_rejected"] >= 0.2
+    # killed during the last question, then rerun: the same pairs, once each
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_pts(tmp_path, out, stop_after=summary["rollouts"] // 40 - 2)
+    assert len((tmp_path / "resumed.jsonl.progress.jsonl").read_text().splitlines()) == 3
+    with open(out, "a") as f:  # a question's pairs written, its done mark not: dropped
+        f.write(json.dumps({**pairs[0], "question_id": "q2"}) + "\n")
+    assert run_pts(tmp_path, out) == summary
+    assert out.read_text() == straight.read_text()
+    assert run_pts(tmp_path, out, stop_after=0) == summary  # all done: nothing sampled
+
+
+def test_bad_question_lines_name_file_and_line(tmp_path):
+    from megaphi.pts.run import QuestionError, load_questions
+
+    for line, message in (('{"id": 1, "question": "x", "type": "poem", "answer": "1"}',
+                           "type"), ('{"id": 1, "question": "x", "type": "math"}', '"answer"'),
+                          ('{"id": 1, "type": "code", "tests": "assert 1"}', '"messages"'),
+                          ('not json', "not JSON")):
+        path = tmp_path / "q.jsonl"
+        path.write_text('{"id": 0, "question": "ok", "type": "choice", "answer": "A"}\n' + line)
+        with pytest.raises(QuestionError, match=f"q.jsonl:2: .*{message}"):
+            load_questions(str(path))

@@ -1,5 +1,6 @@
 """Rollout backends for Pivotal Token Search: they continue a prompt of token ids with the
-policy's sampling settings and return the continuations' token ids.
+policy's sampling settings and return the continuations' token ids (``complete``), or the
+ids with each token's log-prob (``sample``).
 
 - :class:`MegaphiBackend`: a megaphi checkpoint in this process (``InferenceModel``), the ``n``
   rollouts of a prompt sampled as one batch on one KV cache.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -29,21 +30,28 @@ class Sampling:
     """A rollout ends after any of these ids (Phi-4: ``<|im_end|>``, ``<|endoftext|>``)."""
 
 
+Completion = Tuple[List[int], List[float]]
+"""A sampled continuation: its token ids and each token's log-prob under the policy."""
+
+
 class MegaphiBackend:
     """Rollouts from an :class:`~megaphi.inference.InferenceModel` in this process."""
 
     def __init__(self, model, sampling: Sampling):
         self.model, self.sampling = model, sampling
 
-    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+    def sample(self, prompt_ids: List[int], n: int, seed: int) -> List[Completion]:
         s = self.sampling
         budget = min(s.max_new_tokens, self.model.config.model.seq_length - len(prompt_ids))
         if budget < 1:
-            return [[] for _ in range(n)]
+            return [([], []) for _ in range(n)]
         out = self.model.generate(prompt_ids, max_new_tokens=budget, temperature=s.temperature,
                                   top_p=s.top_p, stop_ids=s.stop_ids, seed=seed,
                                   num_samples=n)
-        return [g.token_ids for g in out]
+        return [(g.token_ids, g.logprobs) for g in out]
+
+    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+        return [ids for ids, _ in self.sample(prompt_ids, n, seed)]
 
 
 class OpenAIBackend:
@@ -65,23 +73,28 @@ class OpenAIBackend:
                              max_retries=3)
         self.model, self.sampling = model, sampling
 
-    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+    def sample(self, prompt_ids: List[int], n: int, seed: int) -> List[Completion]:
         s = self.sampling
         response = self.client.completions.create(
             model=self.model, prompt=list(prompt_ids), n=n, seed=seed,
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=1,
             extra_body={"return_token_ids": True, "stop_token_ids": list(s.stop_ids),
                         "skip_special_tokens": False})
-        choices = sorted(response.choices, key=lambda c: c.index)
         out = []
-        for choice in choices:
+        for choice in sorted(response.choices, key=lambda c: c.index):
             ids = getattr(choice, "token_ids", None)
             if ids is None:
                 raise RuntimeError(f"{self.client.base_url} returned no token ids; the "
                                    "endpoint must support return_token_ids (vLLM, SGLang, "
                                    "megaphi-serve)")
-            out.append([int(t) for t in ids])
+            logprobs = choice.logprobs.token_logprobs if choice.logprobs else None
+            if logprobs is None or len(logprobs) != len(ids):
+                raise RuntimeError(f"{self.client.base_url} returned no log-prob per token")
+            out.append(([int(t) for t in ids], [float(x) for x in logprobs]))
         return out
 
+    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
+        return [ids for ids, _ in self.sample(prompt_ids, n, seed)]
 
-__all__ = ["MegaphiBackend", "OpenAIBackend", "Sampling"]
+
+__all__ = ["Completion", "MegaphiBackend", "OpenAIBackend", "Sampling"]

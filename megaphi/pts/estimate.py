@@ -1,7 +1,7 @@
 """p(success | prefix) from rollouts, and the token pair of a pivot.
 
 A *backend* continues a prompt (token ids) with the policy's sampling settings and returns the
-completions' token ids (``complete(prompt_ids, n, seed)``): megaphi's ``InferenceModel`` or an
+completions' token ids and log-probs (``sample(prompt_ids, n, seed)``): megaphi's ``InferenceModel`` or an
 OpenAI-compatible endpoint. A *check* says whether a whole completion (the prefix plus the
 rollout's continuation, token ids) solves the question: an oracle.
 
@@ -33,14 +33,16 @@ DEFAULT_P_GAP = 0.2
 
 
 class Backend(Protocol):
-    def complete(self, prompt_ids: List[int], n: int, seed: int) -> List[List[int]]:
-        """``n`` sampled continuations (token ids) of ``prompt_ids``."""
+    def sample(self, prompt_ids: List[int], n: int,
+               seed: int) -> List[Tuple[List[int], List[float]]]:
+        """``n`` sampled continuations of ``prompt_ids``: token ids and their log-probs."""
 
 
 @dataclass(frozen=True)
 class Rollout:
     token_ids: Tuple[int, ...]  # the continuation after the prefix
     success: bool
+    logprobs: Tuple[float, ...] = ()  # of each token under the policy
 
 
 def prefix_seed(seed: int, prefix: Sequence[int], salt: str = "") -> int:
@@ -75,11 +77,11 @@ class SuccessEstimator:
         """The rollouts at ``prefix`` (drawn on first use; ``salt`` draws a fresh set)."""
         key = (salt, tuple(int(t) for t in prefix))
         if key not in self._drawn:
-            continuations = self.backend.complete(self.query_ids + list(key[1]), self.rollouts,
-                                                  prefix_seed(self.seed, key[1], salt))
+            continuations = self.backend.sample(self.query_ids + list(key[1]), self.rollouts,
+                                                prefix_seed(self.seed, key[1], salt))
             self.rollouts_used += len(continuations)
-            self._drawn[key] = [Rollout(tuple(c), bool(self.check(list(key[1]) + list(c))))
-                                for c in continuations]
+            self._drawn[key] = [Rollout(tuple(ids), bool(self.check(list(key[1]) + list(ids))),
+                                        tuple(logprobs)) for ids, logprobs in continuations]
         return self._drawn[key]
 
     def __call__(self, prefix: Sequence[int], salt: str = "") -> float:

@@ -1,0 +1,253 @@
+"""Pivotal Token Search over a file of questions: filter by success rate, search one sampled
+solution per question, turn each pivot into a DPO token pair, write them resumably.
+
+A question is one JSON line ``{"id", "messages" or "question", "type", "answer" or "tests"}``:
+``type`` picks the oracle (``math``, ``choice``: ``answer``; ``code``: ``tests``), ``messages``
+is a chat prompt ending with a user turn (``question`` is shorthand for one user message).
+
+Per question (all in token ids: the prompt is rendered once, prefixes are never re-tokenised):
+
+1. ``rollouts`` completions of the prompt estimate p(success); a question outside
+   ``[p_min, p_max]`` is not searched (too easy or too hard to have pivots);
+2. the first of those completions is the solution searched (:func:`pivotal_tokens`, with its
+   token log-probs under the policy);
+3. each pivot's accepted and rejected tokens come from the rollouts already drawn at its
+   prefix (:func:`~megaphi.pts.estimate.token_pair`), confirmed with fresh rollouts unless
+   ``confirm`` is off;
+4. each pair is a token pair of the DPO data format plus metadata.
+
+Output: ``OUT`` gets a question's pairs in one append, then ``OUT.progress.jsonl`` a line
+saying the question is done (with its statistics). A rerun skips done questions and first
+removes from ``OUT`` any line of a question that was not marked done (a run killed between the
+two writes): no duplicates, no losses. Seeds derive from the run's seed and the prefix, so a
+rerun draws the same rollouts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List
+
+from megaphi.pts.estimate import (DEFAULT_P_GAP, DEFAULT_ROLLOUTS, SuccessEstimator, confirm,
+                                  prefix_seed, token_pair)
+from megaphi.pts.search import pivotal_tokens
+
+logger = logging.getLogger("megaphi.pts")
+
+TYPES = {"math": "answer", "choice": "answer", "code": "tests"}
+
+
+class QuestionError(ValueError):
+    """A bad line of the questions file (the message names the file and line)."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    rollouts: int = DEFAULT_ROLLOUTS
+    p_gap: float = DEFAULT_P_GAP
+    p_min: float = 0.2
+    p_max: float = 0.8
+    confirm: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rollouts < 1:
+            raise ValueError(f"--rollouts must be >= 1, got {self.rollouts}")
+        if not 0.0 < self.p_gap <= 1.0:
+            raise ValueError(f"--p-gap must be in (0, 1], got {self.p_gap}")
+        if not 0.0 <= self.p_min <= self.p_max <= 1.0:
+            raise ValueError(f"need 0 <= --p-min <= --p-max <= 1, got {self.p_min}, "
+                             f"{self.p_max}")
+
+
+def load_questions(path: str) -> List[dict]:
+    """The questions of a JSONL file, each checked; :class:`QuestionError` names file:line."""
+    from megaphi.data.chat import ChatFormatError, parse_messages
+
+    out, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise QuestionError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(q, dict) or "id" not in q:
+                raise QuestionError(f"{where}: a question needs an \"id\"")
+            qid = str(q["id"])
+            if qid in seen:
+                raise QuestionError(f"{where}: id {qid!r} repeats line {seen[qid]}")
+            seen[qid] = number
+            kind = q.get("type")
+            if kind not in TYPES:
+                raise QuestionError(f"{where}: \"type\" must be one of {', '.join(TYPES)}, got "
+                                    f"{kind!r}")
+            if TYPES[kind] not in q:
+                raise QuestionError(f"{where}: a {kind} question needs \"{TYPES[kind]}\"")
+            if "messages" in q:
+                try:
+                    messages = parse_messages(q, "messages", '"messages"', "")
+                except ChatFormatError as exc:
+                    raise QuestionError(f"{where}: {exc}") from None
+            elif isinstance(q.get("question"), str):
+                messages = [{"role": "user", "content": q["question"]}]
+            else:
+                raise QuestionError(f"{where}: a question needs \"messages\" (chat messages) "
+                                    "or \"question\" (text)")
+            if messages[-1]["role"] != "user":
+                raise QuestionError(f"{where}: the messages must end with a user turn")
+            out.append({**q, "id": qid, "messages": messages})
+    return out
+
+
+@dataclass
+class QuestionResult:
+    id: str
+    p_success: float
+    kept: bool
+    pivots: int = 0
+    pairs: List[dict] = field(default_factory=list)
+    unconfirmed: int = 0
+    rollouts: int = 0
+
+    def stats(self) -> dict:
+        return {"id": self.id, "p_success": self.p_success, "kept": self.kept,
+                "pivots": self.pivots, "pairs": len(self.pairs),
+                "unconfirmed": self.unconfirmed, "rollouts": self.rollouts}
+
+
+def search_question(question: dict, tokenizer, backend, is_correct: Callable[[dict, str], bool],
+                    settings: SearchSettings) -> QuestionResult:
+    """Pivotal Token Search on one question (steps 1-4 of the module docstring)."""
+    from megaphi.data.chat import render_chat
+
+    prompt_ids, _ = render_chat(question["messages"], tokenizer, add_generation_prompt=True)
+    stops = stop_ids(tokenizer)
+
+    def check(completion_ids: List[int]) -> bool:
+        ids = list(completion_ids)
+        while ids and ids[-1] in stops:
+            ids.pop()
+        return bool(is_correct(question, tokenizer.decode(ids)))
+
+    seed = prefix_seed(settings.seed, [], salt=question["id"])
+    estimator = SuccessEstimator(backend, check, prompt_ids, settings.rollouts, seed)
+    p0 = estimator([])
+    result = QuestionResult(question["id"], p0, settings.p_min <= p0 <= settings.p_max)
+    if result.kept:
+        solution = estimator.draw([])[0]
+        pivots = pivotal_tokens(solution.token_ids, solution.logprobs, estimator, settings.p_gap)
+        result.pivots = len(pivots)
+        for pivot in pivots:
+            prefix = list(solution.token_ids[:pivot.index])
+            pair = token_pair(estimator, prefix, solution.token_ids[pivot.index], pivot.delta)
+            if pair is None:
+                result.unconfirmed += 1
+                continue
+            record = {"id": f"{question['id']}/{pivot.index}", "question_id": question["id"],
+                      "type": question["type"], "prompt": question["messages"],
+                      "prefix_ids": prefix, "chosen_token_id": pair[0],
+                      "rejected_token_id": pair[1], "position": pivot.index,
+                      "p_before": pivot.p_before, "p_after": pivot.p_after}
+            if settings.confirm:
+                holds, p_acc, p_rej = confirm(estimator, prefix, pair, settings.p_gap)
+                record.update(p_chosen=p_acc, p_rejected=p_rej)
+                if not holds:
+                    result.unconfirmed += 1
+                    continue
+            result.pairs.append(record)
+    result.rollouts = estimator.rollouts_used
+    for record in result.pairs:
+        record["rollouts"] = result.rollouts
+    return result
+
+
+def stop_ids(tokenizer) -> List[int]:
+    """Where a rollout ends: ``<|im_end|>`` (the assistant's turn) and end-of-document."""
+    from megaphi.data.chat import chat_token_ids
+
+    return sorted({chat_token_ids(tokenizer).im_end, tokenizer.eod_id})
+
+
+class ResumableOutput:
+    """``OUT`` (pairs) and ``OUT.progress.jsonl`` (one line per finished question)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.progress = Path(str(path) + ".progress.jsonl")
+        self.done: Dict[str, dict] = {}
+        if self.progress.exists():
+            for line in self.progress.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    stats = json.loads(line)
+                    self.done[stats["id"]] = stats
+        if self.path.exists():  # drop the pairs of a question whose run was cut short
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [x for x in lines if x.strip() and json.loads(x)["question_id"] in self.done]
+            if len(keep) != len(lines):
+                logger.info("%s: removing %d pairs of questions not marked done", self.path,
+                            len(lines) - len(keep))
+                tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+                tmp.write_text("".join(keep), encoding="utf-8")
+                os.replace(tmp, self.path)
+        if self.done:
+            logger.info("resuming: %d questions already done (%s)", len(self.done),
+                        self.progress)
+
+    def write(self, result: QuestionResult) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in result.pairs))
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.progress, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result.stats()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[result.id] = result.stats()
+
+
+def summary(stats: Iterable[dict]) -> dict:
+    """Questions kept by the filter, pivots per question, rollouts per pivot."""
+    stats = list(stats)
+    kept = [s for s in stats if s["kept"]]
+    pivots = sum(s["pivots"] for s in kept)
+    rollouts = sum(s["rollouts"] for s in stats)
+    return {"questions": len(stats), "kept": len(kept), "pivots": pivots,
+            "pairs": sum(s["pairs"] for s in kept),
+            "unconfirmed": sum(s["unconfirmed"] for s in kept),
+            "pivots_per_kept_question": pivots / len(kept) if kept else 0.0,
+            "rollouts": rollouts, "rollouts_per_pivot": rollouts / pivots if pivots else None}
+
+
+def run(questions: List[dict], tokenizer, backend, is_correct, settings: SearchSettings,
+        output: str, progress: bool = True) -> dict:
+    """Search every question not yet done in ``output``; returns :func:`summary`."""
+    import time
+
+    from tqdm import tqdm
+
+    out = ResumableOutput(output)
+    todo = [q for q in questions if q["id"] not in out.done]
+    start, rollouts, pivots = time.perf_counter(), 0, 0
+    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="questions",
+              unit="q", disable=not progress, dynamic_ncols=True) as bar:
+        for q in todo:
+            result = search_question(q, tokenizer, backend, is_correct, settings)
+            out.write(result)
+            rollouts += result.rollouts
+            pivots += result.pivots
+            bar.update(1)
+            bar.set_postfix_str(f"{pivots} pivots, {rollouts / (time.perf_counter() - start):.1f}"
+                                " rollouts/s", refresh=False)
+    return summary(out.done.values())
+
+
+__all__ = ["QuestionError", "QuestionResult", "ResumableOutput", "SearchSettings",
+           "load_questions", "run", "search_question", "stop_ids", "summary"]
