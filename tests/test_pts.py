@@ -234,3 +234,29 @@ def test_bad_question_lines_name_file_and_line(tmp_path):
         path.write_text('{"id": 0, "question": "ok", "type": "choice", "answer": "A"}\n' + line)
         with pytest.raises(QuestionError, match=f"q.jsonl:2: .*{message}"):
             load_questions(str(path))
+
+
+def test_arithmetic_task_solutions_are_correct(tmp_path):
+    """tools/build_arithmetic_task.py: every worked solution's boxed answer is the sum, and the
+    questions are in the PTS format."""
+    import importlib.util
+    import json
+    import re
+    from pathlib import Path
+
+    from megaphi.pts.run import load_questions
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "build_arithmetic_task.py"
+    spec = importlib.util.spec_from_file_location("build_arithmetic_task", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.worked_solution(47, 38) == ("7 + 8 = 15, write 5 carry 1. 4 + 3 + 1 = 8, "
+                                            "write 8. The answer is \\boxed{85}.")
+    assert tool.main(["--questions", str(tmp_path / "q.jsonl"), "--sft",
+                      str(tmp_path / "s.jsonl"), "--count", "50", "--digits", "3"]) == 0
+    for line in (tmp_path / "s.jsonl").read_text().splitlines():
+        user, assistant = json.loads(line)["messages"]
+        a, b = map(int, re.findall(r"\d+", user["content"]))
+        assert assistant["content"].endswith(f"\\boxed{{{a + b}}}.")
+    questions = load_questions(str(tmp_path / "q.jsonl"))
+    assert len(questions) == 50 and all(q["type"] == "math" for q in questions)
