@@ -9,6 +9,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"',
                     Path(__file__).with_name("megaphi").joinpath("__init__.py").read_text()).group(1)
 
 HF = ["transformers>=4.46", "safetensors>=0.4"]
+# the antlr4 4.13 runtime extra: math-verify parses LaTeX with it
+MATH_VERIFY = "math-verify[antlr4_13_2]>=0.9,<0.10"
 
 setup(
     name="megaphi",
@@ -37,13 +39,19 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
         "dali": ["nvidia-dali-cuda120>=2.4"],  # CPU-only pipelines run without a GPU,
         "hf": HF,
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # megaphi-serve
         # TRL only for tests/test_dpo_parity.py (DPO loss parity); pinned: the test drives
         # DPOTrainer's evaluation, whose loss code moves between releases.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF, "trl==1.16.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF, "trl==1.16.0",
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", MATH_VERIFY],
+        # Pivotal Token Search: the math oracle (the code oracle's sandbox is bubblewrap, a
+        # system package: apt-get install bubblewrap)
+        "pts": [MATH_VERIFY, "openai>=1.40"],
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",
         "megaphi-generate=megaphi.generate:main",
         "megaphi-eval=megaphi.eval:main",
+        "megaphi-serve=megaphi.serve:main",
     ]},
 )

@@ -67,42 +67,35 @@ class SearchSettings:
 def load_questions(path: str) -> List[dict]:
     """The questions of a JSONL file, each checked; :class:`QuestionError` names file:line."""
     from megaphi.data.chat import ChatFormatError, parse_messages
+    from megaphi.data.jsonl import json_lines
 
     out, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
+    for where, q in json_lines(path, QuestionError):
+        if not isinstance(q, dict) or "id" not in q:
+            raise QuestionError(f"{where}: a question needs an \"id\"")
+        qid = str(q["id"])
+        if qid in seen:
+            raise QuestionError(f"{where}: id {qid!r} repeats {seen[qid]}")
+        seen[qid] = where
+        kind = q.get("type")
+        if kind not in TYPES:
+            raise QuestionError(f"{where}: \"type\" must be one of {', '.join(TYPES)}, got "
+                                f"{kind!r}")
+        if TYPES[kind] not in q:
+            raise QuestionError(f"{where}: a {kind} question needs \"{TYPES[kind]}\"")
+        if "messages" in q:
             try:
-                q = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QuestionError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(q, dict) or "id" not in q:
-                raise QuestionError(f"{where}: a question needs an \"id\"")
-            qid = str(q["id"])
-            if qid in seen:
-                raise QuestionError(f"{where}: id {qid!r} repeats line {seen[qid]}")
-            seen[qid] = number
-            kind = q.get("type")
-            if kind not in TYPES:
-                raise QuestionError(f"{where}: \"type\" must be one of {', '.join(TYPES)}, got "
-                                    f"{kind!r}")
-            if TYPES[kind] not in q:
-                raise QuestionError(f"{where}: a {kind} question needs \"{TYPES[kind]}\"")
-            if "messages" in q:
-                try:
-                    messages = parse_messages(q, "messages", '"messages"', "")
-                except ChatFormatError as exc:
-                    raise QuestionError(f"{where}: {exc}") from None
-            elif isinstance(q.get("question"), str):
-                messages = [{"role": "user", "content": q["question"]}]
-            else:
-                raise QuestionError(f"{where}: a question needs \"messages\" (chat messages) "
-                                    "or \"question\" (text)")
-            if messages[-1]["role"] != "user":
-                raise QuestionError(f"{where}: the messages must end with a user turn")
-            out.append({**q, "id": qid, "messages": messages})
+                messages = parse_messages(q, "messages", '"messages"', "")
+            except ChatFormatError as exc:
+                raise QuestionError(f"{where}: {exc}") from None
+        elif isinstance(q.get("question"), str):
+            messages = [{"role": "user", "content": q["question"]}]
+        else:
+            raise QuestionError(f"{where}: a question needs \"messages\" (chat messages) "
+                                "or \"question\" (text)")
+        if messages[-1]["role"] != "user":
+            raise QuestionError(f"{where}: the messages must end with a user turn")
+        out.append({**q, "id": qid, "messages": messages})
     return out
 
 
