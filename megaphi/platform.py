@@ -259,6 +259,14 @@ def install_cpu_compat() -> None:
     logger.debug("installed the CPU compatibility layer for Megatron-Core")
 
 
+def enter_cpu_compat_in_this_thread() -> None:
+    """Torch function modes are per thread: a thread other than the one that installed the
+    CPU compatibility layer (a server's model thread) enters its own copy. A no-op when the
+    layer is not installed."""
+    if _compat_mode is not None:
+        _CudaToCpuMode().__enter__()
+
+
 # --------------------------------------------------------------------------------------------
 # Distributed initialisation
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class OpenAIBackend:
         s = self.sampling
         response = self.client.completions.create(
             model=self.model, prompt=list(prompt_ids), n=n, seed=seed,
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=1,
+            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
             extra_body={"return_token_ids": True, "stop_token_ids": list(s.stop_ids),
                         "skip_special_tokens": False})
         out = []
