@@ -89,7 +89,18 @@ def cli(capsys):
     signal.signal(signal.SIGTERM, handler)  # main() makes SIGTERM raise KeyboardInterrupt
 
 
+# The slowest modules (torchrun launches, training runs), slowest first. pytest-xdist's
+# --dist loadfile hands out modules in collection order, so starting these first keeps one
+# long module from running alone at the end (longest-first scheduling on two workers).
+SLOW_FIRST = ("test_dpo.py", "test_sft_e2e.py", "test_hf_interop.py", "test_midtrain.py",
+              "test_training.py", "test_sft.py", "test_serve.py", "test_dpo_parity.py",
+              "test_parallel_equivalence.py", "test_benchmark.py", "test_generate.py",
+              "test_checkpoint_fixes.py", "test_trainer_loop.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
         marker = item.get_closest_marker("gpu")
