@@ -153,19 +153,14 @@ def reference_of(cfg, given: Optional[str]) -> Path:
     """The DPO reference checkpoint: ``given``, else the policy's ``dpo.reference`` or
     ``checkpoint.load``."""
     from megaphi.config.schema import ConfigError
-    from megaphi.training.checkpoint import CheckpointNotFound, resolve_checkpoint
+    from megaphi.training.warm_start import resolve_start
 
     path = given or cfg.dpo.reference or cfg.checkpoint.load
     if path is None:
         raise ConfigError("--reference", "preference data needs a reference model, and the "
                           "checkpoint's config names none (dpo.reference, checkpoint.load)",
                           "pass --reference REF")
-    try:
-        return resolve_checkpoint(path)
-    except CheckpointNotFound as exc:
-        raise ConfigError("--reference", str(exc).split("; ")[0],
-                          "pass a run directory, its checkpoints/ or an iter_* directory") \
-            from None
+    return resolve_start(path, "--reference")
 
 
 def evaluate_preference(cfg, rt, iter_dir: Path, reference: Path, prefix: str) -> dict:

@@ -37,6 +37,8 @@ class Phase:
     """The kind of indexed dataset this phase trains on (``kind`` in ``PREFIX.meta.json``)."""
     report_keys: Tuple[str, ...] = ("loss",)
     batch_keys: Tuple[str, ...] = ("tokens", "labels", "loss_mask", "position_ids", "seq_ids")
+    count_name: str = "loss_tokens"
+    """The logged name of the loss's count (what the loss is averaged over)."""
 
     def __init__(self, cfg: MegaphiConfig):
         self.cfg = cfg
@@ -86,7 +88,7 @@ class Phase:
     def metrics(self, totals: Dict[str, Tuple[float, float]]) -> Dict[str, float]:
         """Logged values from the reduced ``[sum, count]`` of every report key."""
         out = {key: (s / c if c else float("nan")) for key, (s, c) in totals.items()}
-        out["loss_tokens"] = totals[self.report_keys[0]][1]
+        out[self.count_name] = totals[self.report_keys[0]][1]
         return out
 
 

@@ -216,6 +216,7 @@ class DPOPhase(Phase):
     name = "dpo"
     dataset_kind = "preference"
     report_keys = ("loss", *METRICS)
+    count_name = "pairs"
     batch_keys = ("tokens", "labels", "rejected_labels", "position_ids", "seq_ids",
                   "chosen_pair", "rejected_pair", "pair_index", "ref_chosen", "ref_rejected")
 
@@ -240,20 +241,13 @@ class DPOPhase(Phase):
         model, and any stored reference log-probs match data and reference (before any
         process group is set up)."""
         from megaphi.phases import reference as ref
-        from megaphi.training.warm_start import check_architecture, checkpoint_config
+        from megaphi.training.warm_start import check_architecture, checkpoint_config, \
+            resolve_start
 
         super().check_data(mixture)
         cfg = self.cfg
         field = "dpo.reference" if cfg.dpo.reference else "checkpoint.load"
-        path = cfg.dpo.reference or cfg.checkpoint.load
-        from megaphi.training.checkpoint import CheckpointNotFound, resolve_checkpoint
-
-        try:
-            self.reference = resolve_checkpoint(path)
-        except CheckpointNotFound as exc:
-            raise ConfigError(field, f"the DPO reference {str(exc).split('; ')[0]}",
-                              "point it at a run directory, its checkpoints/ directory or an "
-                              "iter_* directory of a finished save") from None
+        self.reference = resolve_start(cfg.dpo.reference or cfg.checkpoint.load, field)
         check_architecture(checkpoint_config(self.reference), cfg, self.reference)
         self.fingerprint = ref.fingerprint(mixture.all_prefixes(), self.reference,
                                            cfg.model.seq_length)
@@ -311,10 +305,6 @@ class DPOPhase(Phase):
     def pipeline_shape(self, chunks):
         return packed_shape(self.cfg, chunks)
 
-    def metrics(self, totals):
-        out = {key: (s / c if c else float("nan")) for key, (s, c) in totals.items()}
-        out["pairs"] = totals["loss"][1]
-        return out
 
 
 def dpo_metrics(policy: Dict[str, tuple], reference: Dict[str, tuple],

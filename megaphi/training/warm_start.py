@@ -41,15 +41,16 @@ REPORTED = (
 )
 
 
-def resolve_start(path: str) -> Path:
-    """The ``iter_*`` directory ``checkpoint.load`` names (see
-    :func:`megaphi.training.checkpoint.resolve_checkpoint`), or a ConfigError naming the key."""
+def resolve_start(path: str, field: str = "checkpoint.load") -> Path:
+    """The ``iter_*`` directory a checkpoint setting names (see
+    :func:`megaphi.training.checkpoint.resolve_checkpoint`), or a ConfigError naming the
+    setting ``field`` (``checkpoint.load``, ``dpo.reference``, ``--reference``)."""
     from megaphi.training.checkpoint import CheckpointNotFound, resolve_checkpoint
 
     try:
         return resolve_checkpoint(path)
     except CheckpointNotFound as exc:
-        raise ConfigError("checkpoint.load", str(exc).split("; ")[0],
+        raise ConfigError(field, str(exc).split("; ")[0],
                           "point it at a run directory, its checkpoints/ directory or an iter_* "
                           "directory of a finished save") from None
 
