@@ -27,6 +27,10 @@ false so Megatron keeps choosing its non-CUDA code paths (no fused kernels, no C
 6. ``Tensor.type()`` (the no-argument form, which returns a type name) reports the CUDA name,
    e.g. ``torch.cuda.FloatTensor`` for a CPU float tensor: Megatron's optimizers and gradient
    clipping dispatch on exactly these names and refuse ``torch.FloatTensor``.
+7. Megatron's checkpoint writer starts the server of its results queue with ``spawn``: a fresh
+   interpreter that imports torch (about 2 s of CPU) to unpickle the first result, once per
+   process that saves. With no CUDA context to protect, the server is forked instead, as
+   Megatron's writer processes already are.
 
 Two further CPU requirements are met by construction elsewhere, not by patching:
 ``TransformerConfig`` gets ``use_cpu_initialization=True`` and the CUDA-only fusions turned off
@@ -225,6 +229,19 @@ class _NullStream:
         return True
 
 
+_results_queue = None
+
+
+def _forked_results_queue():
+    """Megatron's ``_get_write_results_queue`` with a forked manager (item 7 above)."""
+    global _results_queue
+    if _results_queue is None:
+        import multiprocessing
+
+        _results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return _results_queue
+
+
 def install_cpu_compat() -> None:
     """Install the CPU compatibility layer (idempotent; refuses to run where CUDA works)."""
     global _compat_mode
@@ -253,6 +270,10 @@ def install_cpu_compat() -> None:
 
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()  # 4
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._get_write_results_queue = _forked_results_queue  # 7
 
     _compat_mode = _CudaToCpuMode()  # 2
     _compat_mode.__enter__()

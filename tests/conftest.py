@@ -35,6 +35,43 @@ def sample_mixture(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def char_tokenizer(tmp_path_factory):
+    """The character-level Hugging Face tokenizer (102 ids) of
+    megaphi.data.tokenizer.write_char_tokenizer: with it the tiny model needs 128 embedding
+    rows instead of 100,352, so its steps, optimizer and checkpoints are ~30x smaller. For tests
+    of training mechanics (resume, resharding, kills) where the vocabulary does not matter."""
+    from megaphi.data.tokenizer import write_char_tokenizer
+
+    path = tmp_path_factory.mktemp("char_tokenizer") / "tok"
+    write_char_tokenizer(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_mixture(char_tokenizer, tmp_path_factory):
+    """:func:`sample_mixture`'s corpus tokenised with :func:`char_tokenizer`; train with
+    the :func:`char_model` overrides."""
+    from megaphi.data.preprocess import preprocess
+    from megaphi.data.tokenizer import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("char_data")
+    tok = load_tokenizer(str(char_tokenizer))
+    for source in ("web", "code"):
+        preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), tok, workers=1)
+    path = tmp / "mix.yaml"
+    path.write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
+                    "  code: {weight: 0.6, prefixes: [code]}\n"
+                    "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def char_model(char_tokenizer) -> list:
+    """The overrides that train the tiny model on :func:`char_tokenizer` data."""
+    return [f"data.tokenizer={char_tokenizer}", "model.vocab_size=128"]
+
+
+@pytest.fixture(scope="session")
 def chat_mixture(tmp_path_factory):
     """The shipped Python-FAQ chat sample (examples/data/chat), preprocessed with the real
     pipeline (--format chat), as a mixture with train and valid blends."""

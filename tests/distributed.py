@@ -37,10 +37,12 @@ def run_worker(script: str, nproc: int, out: Path, args=(), timeout: int = 600) 
 
 def megaphi_train(nproc: int, *args, timeout: int = 600) -> subprocess.CompletedProcess:
     """``megaphi-train --preset tiny ARGS`` under torchrun on ``nproc`` processes, from the
-    repository root; the caller checks the return code."""
-    cmd = torchrun(nproc, "-m", "megaphi.train", "--preset", "tiny", *args)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(),
-                          cwd=ROOT)
+    repository root (one process runs without torchrun, as ``python -m megaphi.train``, which
+    saves the launcher's start-up); the caller checks the return code."""
+    target = ["-m", "megaphi.train", "--preset", "tiny", *map(str, args)]
+    cmd = torchrun(nproc, *target) if nproc > 1 else [sys.executable, *target]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=worker_env(MASTER_PORT=str(free_port())))
 
 
 def logged_losses(run_dir: Path) -> list:
@@ -50,10 +52,10 @@ def logged_losses(run_dir: Path) -> list:
 
 
 def eval_json(nproc: int, ckpt, data, *overrides) -> dict:
-    """``megaphi-eval --json`` under torchrun; its last output line."""
-    cmd = torchrun(nproc, "-m", "megaphi.eval", "--ckpt", ckpt, "--data", data, "--json",
-                   *overrides)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=worker_env(),
-                          cwd=ROOT)
+    """``megaphi-eval --json`` under torchrun (one process: without); its last output line."""
+    target = ["-m", "megaphi.eval", "--ckpt", ckpt, "--data", data, "--json", *overrides]
+    cmd = torchrun(nproc, *target) if nproc > 1 else [sys.executable, *map(str, target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=worker_env(MASTER_PORT=str(free_port())))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -51,7 +51,8 @@ def main():
     steps, stopped = [], None
     for i in range(14):
         poison["on"] = i == 1 or i >= 3  # one bad step, then bad steps until the run stops
-        batch = torch.randint(0, 1000, (trainer.num_microbatches, 2, 33), generator=gen)
+        batch = torch.randint(0, min(1000, cfg.model.vocab_size), (trainer.num_microbatches, 2, 33),
+                              generator=gen)
         micro = [lm_batch(b, rt.device) for b in batch]
         before = checksum()
         try:
