@@ -174,7 +174,7 @@ def write_questions(path, n):
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_pts(tmp_path, out, stop_after=None):
+def run_pts(tmp_path, out, stop_after=None, rank=0, world_size=1):
     from megaphi.data.tokenizer import Phi4Tokenizer
     from megaphi.pts.run import SearchSettings, load_questions, run
 
@@ -195,7 +195,7 @@ def run_pts(tmp_path, out, stop_after=None):
         return question["id"] == "easy" or (len(text) > 5 and text[5] == tok.decode([3]))
 
     return run(questions, tok, Policy(), is_correct, SearchSettings(rollouts=40, seed=1),
-               str(out), progress=False)
+               str(out), progress=False, rank=rank, world_size=world_size)
 
 
 def test_pts_run_writes_confirmed_token_pairs_and_resumes_without_duplicates(tmp_path):
@@ -221,6 +221,47 @@ def test_pts_run_writes_confirmed_token_pairs_and_resumes_without_duplicates(tmp
     assert run_pts(tmp_path, out) == summary
     assert out.read_text() == straight.read_text()
     assert run_pts(tmp_path, out, stop_after=0) == summary  # all done: nothing sampled
+
+
+def test_data_parallel_processes_share_one_resumable_output(tmp_path):
+    """Two processes (rank 0 and 1 of 2) over one questions file write the pairs of the
+    single-process run (as a set: the order follows completion), the summary comes from the
+    one that finished the file; rank 1 killed mid-question and relaunched loses nothing and
+    duplicates nothing, and leaves rank 0's lines alone."""
+    import json
+
+    write_questions(tmp_path / "q.jsonl", 5)
+    straight = tmp_path / "straight.jsonl"
+    summary = run_pts(tmp_path, straight)
+    out = tmp_path / "dp.jsonl"
+    assert run_pts(tmp_path, out, rank=0, world_size=2) is None  # rank 1 has not run yet
+    with pytest.raises(KeyboardInterrupt):
+        run_pts(tmp_path, out, stop_after=5, rank=1, world_size=2)
+    done = [json.loads(x)["id"] for x in
+            (tmp_path / "dp.jsonl.progress.jsonl").read_text().splitlines()]
+    # the file: q0 easy q1 q2 q3 q4; rank 0 did q0 q1 q3, rank 1 easy before it was killed
+    assert set(done) == {"q0", "q1", "q3", "easy"}
+    pairs = [json.loads(x) for x in straight.read_text().splitlines()]
+    with open(out, "a") as f:  # rank 1's question q2 half written when it was killed
+        f.write(json.dumps({**pairs[0], "question_id": "q2"}) + "\n")
+    assert run_pts(tmp_path, out, rank=1, world_size=2) == summary
+    assert sorted(out.read_text().splitlines()) == sorted(straight.read_text().splitlines())
+    assert run_pts(tmp_path, out, rank=0, world_size=2) == summary  # all done: rank 0 reports
+    assert run_pts(tmp_path, out, rank=1, world_size=2) is None
+
+
+def test_a_finished_completion_is_checked_not_continued():
+    """A prefix that ends with a stop id is a whole completion: its p(success) is the
+    oracle's verdict on it, with no rollouts."""
+    from megaphi.pts.estimate import SuccessEstimator
+
+    policy = DecidedAt()
+    est = SuccessEstimator(policy, policy.check, [100, 101], rollouts=40, seed=7,
+                           stop_ids=(99,))
+    assert est([1, 2, 3, 4, 5, 3, 99]) == 1.0 and est([1, 2, 3, 4, 5, 0, 99]) == 0.0
+    assert est.rollouts_used == 0 and policy.calls == []
+    assert 0.0 < est([1, 99, 7]) < 1.0  # a stop id inside the prefix: sampled
+    assert est.rollouts_used == 40
 
 
 def test_bad_question_lines_name_file_and_line(tmp_path):

@@ -233,6 +233,16 @@ def test_pts_openai_backend_equals_megaphi_backend(server, model, monkeypatch):
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
     for (_, got_lp), (_, want_lp) in zip(got, want):
         assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) <= 1e-5
+    # near the end of the context both clamp max_new_tokens to what is left (the server's
+    # max_model_len), and a full context gets empty rollouts instead of an HTTP 400
+    context = model.config.model.seq_length
+    assert remote.context_length() == context
+    near_end = (prompt * context)[:context - 3]
+    want = local.sample(near_end, 2, seed=4)
+    assert max(len(ids) for ids, _ in want) == 3
+    assert remote.complete(near_end, 2, seed=4) == [ids for ids, _ in want]
+    full = (prompt * context)[:context]
+    assert remote.sample(full, 2, seed=4) == local.sample(full, 2, seed=4) == [([], [])] * 2
 
 
 BAD = [

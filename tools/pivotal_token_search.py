@@ -34,6 +34,11 @@ examples:
       --output pairs.jsonl --rollouts 64
 then: python tools/preprocess_data.py --format preference --input pairs.jsonl --output-prefix P
 
+data parallel: under torchrun each process loads the policy (on cuda:LOCAL_RANK when there are
+GPUs) and searches every WORLD_SIZE-th question, all appending to the same --output:
+  torchrun --nproc-per-node 8 tools/pivotal_token_search.py --questions q.jsonl \\
+      --policy runs/sft --output pairs.jsonl
+
 exit status: 0 on success, 2 on bad arguments or input."""
 
 
@@ -66,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="megaphi backend: cpu, cuda or cuda:N")
+    p.add_argument("--device", help="megaphi backend: cpu, cuda or cuda:N (default: "
+                                     "cuda:LOCAL_RANK when CUDA is available, else cpu)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -92,12 +98,19 @@ def main(argv=None) -> int:
     def is_correct(question, text):
         return check(question, text).correct
 
+    import os
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     model = None
     try:
         if args.policy:
+            import torch
+
             from megaphi.inference import InferenceModel
 
-            model = InferenceModel.from_checkpoint(args.policy, device=args.device)
+            device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                     if torch.cuda.is_available() else "cpu")
+            model = InferenceModel.from_checkpoint(args.policy, device=device)
             tokenizer = model.tokenizer
         else:
             from megaphi.data.tokenizer import load_tokenizer
@@ -107,14 +120,18 @@ def main(argv=None) -> int:
                             tuple(stop_ids(tokenizer)))
         backend = MegaphiBackend(model, sampling) if model else OpenAIBackend(
             args.endpoint, args.model, sampling, api_key_env=args.api_key_env)
-        log.info("%d questions from %s; %s backend; %d rollouts per estimate, p_gap %g",
+        log.info("%d questions from %s; %s backend; %d rollouts per estimate, p_gap %g%s",
                  len(questions), args.questions, "megaphi" if model else "openai",
-                 settings.rollouts, settings.p_gap)
+                 settings.rollouts, settings.p_gap,
+                 f"; process {rank} of {world_size}" if world_size > 1 else "")
         result = run(questions, tokenizer, backend, is_correct, settings, args.output,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress and rank == 0,
+                     rank=rank, world_size=world_size)
     finally:
         if model is not None:
             model.close()
+    if result is None:  # another process finishes the file and reports
+        return 0
     log.info("questions %d, kept by the filter %d, pivots %d (%.2f per kept question), pairs "
              "%d (%d not confirmed), rollouts per pivot %s", result["questions"],
              result["kept"], result["pivots"], result["pivots_per_kept_question"],

@@ -72,12 +72,29 @@ class OpenAIBackend:
         self.client = OpenAI(base_url=endpoint, api_key=key or "none", timeout=timeout_s,
                              max_retries=3)
         self.model, self.sampling = model, sampling
+        self._context: Optional[int] = None
+
+    def context_length(self) -> Optional[int]:
+        """The served model's context (``max_model_len`` of ``/v1/models``, as vLLM and
+        megaphi-serve report it), or None when the endpoint does not say."""
+        if self._context is None:
+            try:
+                card = self.client.models.retrieve(self.model)
+                self._context = int(getattr(card, "max_model_len", None) or 0)
+            except Exception:  # an endpoint without /v1/models/{name}: no clamping
+                self._context = 0
+        return self._context or None
 
     def sample(self, prompt_ids: List[int], n: int, seed: int) -> List[Completion]:
         s = self.sampling
+        budget, context = s.max_new_tokens, self.context_length()
+        if context is not None:  # as the megaphi backend: what the context leaves, at most
+            budget = min(budget, context - len(prompt_ids))
+            if budget < 1:
+                return [([], []) for _ in range(n)]
         response = self.client.completions.create(
             model=self.model, prompt=list(prompt_ids), n=n, seed=seed,
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
+            temperature=s.temperature, top_p=s.top_p, max_tokens=budget, logprobs=0,
             extra_body={"return_token_ids": True, "stop_token_ids": list(s.stop_ids),
                         "skip_special_tokens": False})
         out = []

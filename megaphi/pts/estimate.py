@@ -62,13 +62,17 @@ class SuccessEstimator:
         query_ids: the prompt: the rendered query and the assistant header.
         rollouts: continuations per estimate (N).
         seed: the run's seed.
+        stop_ids: the ids that end a completion: a prefix ending with one is a finished
+            completion, whose p(success) is its own check (0 or 1), with no rollouts.
     """
 
     def __init__(self, backend: Backend, check: Callable[[List[int]], bool],
-                 query_ids: Sequence[int], rollouts: int = DEFAULT_ROLLOUTS, seed: int = 0):
+                 query_ids: Sequence[int], rollouts: int = DEFAULT_ROLLOUTS, seed: int = 0,
+                 stop_ids: Sequence[int] = ()):
         if rollouts < 1:
             raise ValueError(f"rollouts must be >= 1, got {rollouts}")
         self.backend, self.check, self.seed = backend, check, seed
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.query_ids, self.rollouts = list(query_ids), rollouts
         self._drawn: Dict[Tuple[str, Tuple[int, ...]], List[Rollout]] = {}
         self.rollouts_used = 0
@@ -76,6 +80,8 @@ class SuccessEstimator:
     def draw(self, prefix: Sequence[int], salt: str = "") -> List[Rollout]:
         """The rollouts at ``prefix`` (drawn on first use; ``salt`` draws a fresh set)."""
         key = (salt, tuple(int(t) for t in prefix))
+        if key not in self._drawn and key[1] and key[1][-1] in self.stop_ids:
+            self._drawn[key] = [Rollout((), bool(self.check(list(key[1]))))]  # finished
         if key not in self._drawn:
             continuations = self.backend.sample(self.query_ids + list(key[1]), self.rollouts,
                                                 prefix_seed(self.seed, key[1], salt))

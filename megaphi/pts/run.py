@@ -19,8 +19,11 @@ Per question (all in token ids: the prompt is rendered once, prefixes are never 
 Output: ``OUT`` gets a question's pairs in one append, then ``OUT.progress.jsonl`` a line
 saying the question is done (with its statistics). A rerun skips done questions and first
 removes from ``OUT`` any line of a question that was not marked done (a run killed between the
-two writes): no duplicates, no losses. Seeds derive from the run's seed and the prefix, so a
-rerun draws the same rollouts.
+two writes): no duplicates, no losses. Seeds derive from the run's seed, the question and the
+prefix, so a rerun draws the same rollouts, whatever the number of processes.
+
+Data parallel (torchrun): each process loads its own policy and searches every
+``world_size``-th question; all append to the same ``OUT`` under a file lock.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 from megaphi.pts.estimate import (DEFAULT_P_GAP, DEFAULT_ROLLOUTS, SuccessEstimator, confirm,
                                   prefix_seed, token_pair)
@@ -130,7 +134,7 @@ def search_question(question: dict, tokenizer, backend, is_correct: Callable[[di
         return bool(is_correct(question, tokenizer.decode(ids)))
 
     seed = prefix_seed(settings.seed, [], salt=question["id"])
-    estimator = SuccessEstimator(backend, check, prompt_ids, settings.rollouts, seed)
+    estimator = SuccessEstimator(backend, check, prompt_ids, settings.rollouts, seed, stops)
     p0 = estimator([])
     result = QuestionResult(question["id"], p0, settings.p_min <= p0 <= settings.p_max)
     if result.kept:
@@ -169,41 +173,72 @@ def stop_ids(tokenizer) -> List[int]:
 
 
 class ResumableOutput:
-    """``OUT`` (pairs) and ``OUT.progress.jsonl`` (one line per finished question)."""
+    """``OUT`` (pairs) and ``OUT.progress.jsonl`` (one line per finished question), shared by
+    the data-parallel processes of one run: every change happens under an exclusive lock on
+    ``OUT.lock``, so a question's pairs and its progress line appear together to the others.
 
-    def __init__(self, path: str):
+    Args:
+        path: ``OUT``.
+        owns: which question ids this process searches (all by default); on opening, the pairs
+            of its questions that are not marked done (a run killed between the two writes) are
+            removed.
+    """
+
+    def __init__(self, path: str, owns: Callable[[str], bool] = lambda qid: True):
         self.path = Path(path)
         self.progress = Path(str(path) + ".progress.jsonl")
-        self.done: Dict[str, dict] = {}
-        if self.progress.exists():
-            for line in self.progress.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    stats = json.loads(line)
-                    self.done[stats["id"]] = stats
-        if self.path.exists():  # drop the pairs of a question whose run was cut short
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            keep = [x for x in lines if x.strip() and json.loads(x)["question_id"] in self.done]
-            if len(keep) != len(lines):
-                logger.info("%s: removing %d pairs of questions not marked done", self.path,
-                            len(lines) - len(keep))
-                tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-                tmp.write_text("".join(keep), encoding="utf-8")
-                os.replace(tmp, self.path)
+        self.lock = Path(str(path) + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self.done = self._read_progress()
+            if self.path.exists():  # drop the pairs of a question whose run was cut short
+                lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                keep = [x for x in lines if x.strip() and (
+                    json.loads(x)["question_id"] in self.done
+                    or not owns(json.loads(x)["question_id"]))]
+                if len(keep) != len(lines):
+                    logger.info("%s: removing %d pairs of questions not marked done", self.path,
+                                len(lines) - len(keep))
+                    tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
+                    tmp.write_text("".join(keep), encoding="utf-8")
+                    os.replace(tmp, self.path)
         if self.done:
             logger.info("resuming: %d questions already done (%s)", len(self.done),
                         self.progress)
 
-    def write(self, result: QuestionResult) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in result.pairs))
-            f.flush()
-            os.fsync(f.fileno())
-        with open(self.progress, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result.stats()) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[result.id] = result.stats()
+    @contextmanager
+    def _locked(self):
+        import fcntl
+
+        with open(self.lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read_progress(self) -> Dict[str, dict]:
+        done = {}
+        if self.progress.exists():
+            for line in self.progress.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    stats = json.loads(line)
+                    done[stats["id"]] = stats
+        return done
+
+    def write(self, result: QuestionResult) -> Dict[str, dict]:
+        """Append a finished question; returns every question done so far (all processes)."""
+        with self._locked():
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in result.pairs))
+                f.flush()
+                os.fsync(f.fileno())
+            with open(self.progress, "a", encoding="utf-8") as f:
+                f.write(json.dumps(result.stats()) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.done = self._read_progress()
+        return self.done
 
 
 def summary(stats: Iterable[dict]) -> dict:
@@ -220,26 +255,43 @@ def summary(stats: Iterable[dict]) -> dict:
 
 
 def run(questions: List[dict], tokenizer, backend, is_correct, settings: SearchSettings,
-        output: str, progress: bool = True) -> dict:
-    """Search every question not yet done in ``output``; returns :func:`summary`."""
+        output: str, progress: bool = True, rank: int = 0,
+        world_size: int = 1) -> Optional[dict]:
+    """Search every question not yet done in ``output``.
+
+    With ``world_size`` data-parallel processes (torchrun), process ``rank`` searches questions
+    ``rank, rank + world_size, ...`` of the file and all append to the same ``output``.
+
+    Returns :func:`summary` of the whole file in the process that finished its last question
+    (or in rank 0 when nothing was left to do), None in the others.
+    """
     import time
 
     from tqdm import tqdm
 
-    out = ResumableOutput(output)
-    todo = [q for q in questions if q["id"] not in out.done]
+    index = {q["id"]: i for i, q in enumerate(questions)}
+    mine = [q for i, q in enumerate(questions) if i % world_size == rank]
+    out = ResumableOutput(output, owns=lambda qid: index.get(qid, -1) % world_size == rank)
+    todo = [q for q in mine if q["id"] not in out.done]
+    done = out.done
     start, rollouts, pivots = time.perf_counter(), 0, 0
-    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="questions",
-              unit="q", disable=not progress, dynamic_ncols=True) as bar:
+    desc = "questions" if world_size == 1 else f"questions (rank {rank} of {world_size})"
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, unit="q",
+              disable=not progress, dynamic_ncols=True) as bar:
         for q in todo:
             result = search_question(q, tokenizer, backend, is_correct, settings)
-            out.write(result)
+            done = out.write(result)
             rollouts += result.rollouts
             pivots += result.pivots
             bar.update(1)
             bar.set_postfix_str(f"{pivots} pivots, {rollouts / (time.perf_counter() - start):.1f}"
                                 " rollouts/s", refresh=False)
-    return summary(out.done.values())
+    finished = all(q["id"] in done for q in questions)
+    if finished and (todo or rank == 0):
+        return summary(done[q["id"]] for q in questions)
+    logger.info("rank %d: %d of its %d questions searched in this run (%d pivots, %d rollouts)",
+                rank, len(todo), len(mine), pivots, rollouts)
+    return None
 
 
 __all__ = ["QuestionError", "QuestionResult", "ResumableOutput", "SearchSettings",
