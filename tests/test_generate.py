@@ -106,6 +106,7 @@ def test_top_p_and_temperature_sampling_distribution():
     draws = sample_next(logits.expand(40000, -1), temperature=1.0, top_p=0.8, generator=gen)
     freq = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert torch.allclose(freq, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=0.01)
+    assert draws.max().item() == 2  # a token outside the nucleus is never drawn
     sharp = sample_next(logits.expand(40000, -1), temperature=0.5, top_p=1.0, generator=gen)
     want = probs ** 2 / (probs ** 2).sum()
     assert torch.allclose(torch.bincount(sharp, minlength=5).float() / 40000, want, atol=0.01)

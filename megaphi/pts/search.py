@@ -65,10 +65,16 @@ def split_point(token_logprobs: Sequence[float], start: int, end: int) -> int:
     return best
 
 
-def subdivide(token_logprobs: Sequence[float], p: Callable[[int], float],
-              p_gap: float) -> List[Tuple[int, int]]:
+def subdivide(token_logprobs: Sequence[float], p: Callable[[int], float], p_gap: float,
+              split: Callable[[Sequence[float], int, int], int] = split_point
+              ) -> List[Tuple[int, int]]:
     """Figure 4's ``Subdivide(empty, completion)``: the segments ``[start, end)`` of the
-    completion, in order, given ``p(k)`` = p(success | the first ``k`` tokens)."""
+    completion, in order, given ``p(k)`` = p(success | the first ``k`` tokens).
+
+    ``split(token_logprobs, start, end)`` chooses where a segment of at least 2 tokens is cut
+    (a boundary in ``start + 1 .. end - 1``): Figure 4's cumulative log-prob midpoint
+    (:func:`split_point`) unless another rule is compared, e.g. the token midpoint
+    (``megaphi/pts/benchmark.py``)."""
     out: List[Tuple[int, int]] = []
     stack = [(0, len(token_logprobs))]
     while stack:  # depth-first, left segment first: the segments come out in order
@@ -76,7 +82,7 @@ def subdivide(token_logprobs: Sequence[float], p: Callable[[int], float],
         if end - start <= 1 or abs(p(start) - p(end)) < p_gap:
             out.append((start, end))
             continue
-        middle = split_point(token_logprobs, start, end)
+        middle = split(token_logprobs, start, end)
         stack.append((middle, end))
         stack.append((start, middle))
     return out
