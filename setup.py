@@ -47,6 +47,8 @@ setup(
         # Pivotal Token Search: the math oracle (the code oracle's sandbox is bubblewrap, a
         # system package: apt-get install bubblewrap)
         "pts": [MATH_VERIFY, "openai>=1.40"],
+        # synthetic-data workflows: the client of any OpenAI-compatible endpoint
+        "synth": ["openai>=1.40", MATH_VERIFY],
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",

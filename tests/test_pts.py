@@ -243,7 +243,7 @@ def test_data_parallel_processes_share_one_resumable_output(tmp_path):
     assert set(done) == {"q0", "q1", "q3", "easy"}
     pairs = [json.loads(x) for x in straight.read_text().splitlines()]
     with open(out, "a") as f:  # rank 1's question q2 half written when it was killed
-        f.write(json.dumps({**pairs[0], "question_id": "q2"}) + "\n")
+        f.write(json.dumps({**pairs[0], "question_id": "q2"}) + "\n" + '{"id": "q2/')
     assert run_pts(tmp_path, out, rank=1, world_size=2) == summary
     assert sorted(out.read_text().splitlines()) == sorted(straight.read_text().splitlines())
     assert run_pts(tmp_path, out, rank=0, world_size=2) == summary  # all done: rank 0 reports

@@ -28,14 +28,11 @@ Data parallel (torchrun): each process loads its own policy and searches every
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
+from megaphi.data.jsonl import ResumableOutput
 from megaphi.pts.estimate import (DEFAULT_P_GAP, DEFAULT_ROLLOUTS, SuccessEstimator, confirm,
                                   prefix_seed, token_pair)
 from megaphi.pts.search import pivotal_tokens
@@ -172,75 +169,6 @@ def stop_ids(tokenizer) -> List[int]:
     return sorted({chat_token_ids(tokenizer).im_end, tokenizer.eod_id})
 
 
-class ResumableOutput:
-    """``OUT`` (pairs) and ``OUT.progress.jsonl`` (one line per finished question), shared by
-    the data-parallel processes of one run: every change happens under an exclusive lock on
-    ``OUT.lock``, so a question's pairs and its progress line appear together to the others.
-
-    Args:
-        path: ``OUT``.
-        owns: which question ids this process searches (all by default); on opening, the pairs
-            of its questions that are not marked done (a run killed between the two writes) are
-            removed.
-    """
-
-    def __init__(self, path: str, owns: Callable[[str], bool] = lambda qid: True):
-        self.path = Path(path)
-        self.progress = Path(str(path) + ".progress.jsonl")
-        self.lock = Path(str(path) + ".lock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked():
-            self.done = self._read_progress()
-            if self.path.exists():  # drop the pairs of a question whose run was cut short
-                lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                keep = [x for x in lines if x.strip() and (
-                    json.loads(x)["question_id"] in self.done
-                    or not owns(json.loads(x)["question_id"]))]
-                if len(keep) != len(lines):
-                    logger.info("%s: removing %d pairs of questions not marked done", self.path,
-                                len(lines) - len(keep))
-                    tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
-                    tmp.write_text("".join(keep), encoding="utf-8")
-                    os.replace(tmp, self.path)
-        if self.done:
-            logger.info("resuming: %d questions already done (%s)", len(self.done),
-                        self.progress)
-
-    @contextmanager
-    def _locked(self):
-        import fcntl
-
-        with open(self.lock, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _read_progress(self) -> Dict[str, dict]:
-        done = {}
-        if self.progress.exists():
-            for line in self.progress.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    stats = json.loads(line)
-                    done[stats["id"]] = stats
-        return done
-
-    def write(self, result: QuestionResult) -> Dict[str, dict]:
-        """Append a finished question; returns every question done so far (all processes)."""
-        with self._locked():
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in result.pairs))
-                f.flush()
-                os.fsync(f.fileno())
-            with open(self.progress, "a", encoding="utf-8") as f:
-                f.write(json.dumps(result.stats()) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.done = self._read_progress()
-        return self.done
-
-
 def summary(stats: Iterable[dict]) -> dict:
     """Questions kept by the filter, pivots per question, rollouts per pivot."""
     stats = list(stats)
@@ -271,7 +199,8 @@ def run(questions: List[dict], tokenizer, backend, is_correct, settings: SearchS
 
     index = {q["id"]: i for i, q in enumerate(questions)}
     mine = [q for i, q in enumerate(questions) if i % world_size == rank]
-    out = ResumableOutput(output, owns=lambda qid: index.get(qid, -1) % world_size == rank)
+    out = ResumableOutput(output, "question_id",
+                          owns=lambda qid: index.get(qid, -1) % world_size == rank)
     todo = [q for q in mine if q["id"] not in out.done]
     done = out.done
     start, rollouts, pivots = time.perf_counter(), 0, 0
@@ -280,7 +209,7 @@ def run(questions: List[dict], tokenizer, backend, is_correct, settings: SearchS
               disable=not progress, dynamic_ncols=True) as bar:
         for q in todo:
             result = search_question(q, tokenizer, backend, is_correct, settings)
-            done = out.write(result)
+            done = out.write(result.id, result.pairs, result.stats())
             rollouts += result.rollouts
             pivots += result.pivots
             bar.update(1)
@@ -294,5 +223,5 @@ def run(questions: List[dict], tokenizer, backend, is_correct, settings: SearchS
     return None
 
 
-__all__ = ["QuestionError", "QuestionResult", "ResumableOutput", "SearchSettings",
+__all__ = ["QuestionError", "QuestionResult", "SearchSettings",
            "load_questions", "run", "search_question", "stop_ids", "summary"]
