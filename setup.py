@@ -52,6 +52,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "megaphi-train=megaphi.train:main",
+        "megaphi-synth=megaphi.synth.cli:main",
         "megaphi-generate=megaphi.generate:main",
         "megaphi-eval=megaphi.eval:main",
         "megaphi-serve=megaphi.serve:main",

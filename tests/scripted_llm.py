@@ -1,8 +1,8 @@
 """A scripted OpenAI-compatible chat server for tests, on 127.0.0.1 (FastAPI + uvicorn in a
 thread): deterministic answers, a fixed latency, and injected faults.
 
-The answer to a request is ``responder(messages, body)`` (default: ``"echo: <last user
-message>"``, with ``" #k"`` for choice k when ``n > 1``). Faults are planned per last user
+Choice k of a request is ``responder(messages, body, k)`` (default: ``"echo: <last user
+message>"``, with ``" #k"`` when ``n > 1``). Faults are planned per last user
 message: ``server.faults[text] = ["429", "500", "slow", "malformed", "empty", "400"]`` makes
 the next requests with that message fail that way, one fault each, in order; ``"always500"``
 fails every time. Every request is counted (``server.requests``, ``server.by_message``).
@@ -20,12 +20,12 @@ from megaphi.platform import free_port
 MODEL = "scripted"
 
 
-def echo(messages: List[Dict[str, str]], body: dict) -> str:
-    return "echo: " + messages[-1]["content"]
+def echo(messages: List[Dict[str, str]], body: dict, k: int) -> str:
+    return "echo: " + messages[-1]["content"] + (f" #{k}" if int(body.get("n") or 1) > 1 else "")
 
 
 class ScriptedLLM:
-    def __init__(self, responder: Callable[[list, dict], str] = echo, latency_s: float = 0.0,
+    def __init__(self, responder: Callable[[list, dict, int], str] = echo, latency_s: float = 0.0,
                  slow_s: float = 5.0):
         self.responder, self.latency_s, self.slow_s = responder, latency_s, slow_s
         self.faults: Dict[str, List[str]] = {}
@@ -76,8 +76,7 @@ class ScriptedLLM:
                     return PlainTextResponse("this is not JSON", 200,
                                              media_type="application/json")
                 n = int(body.get("n") or 1)
-                texts = [self.responder(messages, body) + (f" #{k}" if n > 1 else "")
-                         for k in range(n)]
+                texts = [self.responder(messages, body, k) for k in range(n)]
                 if fault == "empty":
                     texts = [None] * n
                 return {"id": f"cmpl-{self.requests}", "object": "chat.completion",

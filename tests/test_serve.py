@@ -352,3 +352,39 @@ def test_binds_loopback_by_default_and_never_logs_the_key(server):
     assert "POST /v1/completions 200" in log and "POST /v1/chat/completions 400" in log
     assert "Once upon a time" not in log and "Again, please" not in log  # no prompts logged
     assert "Traceback" not in log  # no unexpected error along the way
+
+
+def test_synth_workflow_end_to_end_against_megaphi_serve(server, tmp_path, cli):
+    """megaphi-synth's rewrite workflow against the real server (the tiny model: the text is
+    nonsense, the pipeline is real), with the key from the environment, then
+    preprocess_data.py --format chat on its output."""
+    from distributed import ROOT
+
+    (tmp_path / "seeds.jsonl").write_text("".join(
+        json.dumps({"id": f"s{i}", "text": f"Water boils at {90 + i} degrees."}) + "\n"
+        for i in range(3)))
+    (tmp_path / "rewrite.yaml").write_text(  # the shipped workflow, with short answers
+        (ROOT / "examples/synth/rewrite.yaml").read_text().replace("max_tokens: 1024",
+                                                                   "max_tokens: 12")
+        .replace("max_tokens: 2048", "max_tokens: 12")
+        .replace("rewrite_exercise.txt", str(ROOT / "examples/synth/rewrite_exercise.txt"))
+        .replace("rewrite_solution.txt", str(ROOT / "examples/synth/rewrite_solution.txt")))
+    cmd = [sys.executable, "-m", "megaphi.synth.cli", "run", str(tmp_path / "rewrite.yaml"),
+           "--input", str(tmp_path / "seeds.jsonl"), "--output", str(tmp_path / "sft.jsonl"),
+           "--endpoint", server.url + "/v1", "--model", NAME, "--api-key-env", KEY_ENV,
+           "--seed", "5", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=worker_env(**{KEY_ENV: KEY}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["requests"] == 6 and summary["failed"] == 0
+    records = [json.loads(x) for x in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert len(records) >= 1 and len(records) + summary["dropped"] == 3
+    for r in records:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert [q["model"] for q in r["provenance"]["requests"]] == [NAME, NAME]
+    assert KEY not in (tmp_path / "sft.jsonl").read_text() + proc.stderr
+    code, out, err = cli("--format", "chat", "--input", tmp_path / "sft.jsonl",
+                         "--output-prefix", tmp_path / "sft")
+    assert code == 0, err
+    assert json.loads((tmp_path / "sft.meta.json").read_text())["documents"] == len(records)

@@ -1,0 +1,203 @@
+"""megaphi-synth workflows on a scripted OpenAI-compatible server (deterministic answers and
+injected faults): plurality-vote thresholds, judge pairs and their gap, failures recorded and
+retried, kill and rerun with each record once, a rerun from the cache with zero requests, and
+bad input refused before any request."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributed import ROOT, worker_env
+from scripted_llm import MODEL, ScriptedLLM
+
+pytest.importorskip("fastapi")
+SYNTH = ROOT / "examples" / "synth"
+
+# plurality_vote: the answers to each question, by choice index (8 samples)
+VOTES = {"easy": ["4"] * 8,                      # unanimous: dropped
+         "hard": ["1", "2", "3", "4", "1", "2", "3", "4"],  # no majority: dropped
+         "tie": ["5"] * 4 + ["6"] * 4,            # 4 of 8 is not more than half: dropped
+         "good": ["7"] * 5 + ["8"] * 3,           # majority 7 (5 of 8): kept
+         "words": ["x = 9.", "9", "$9$", "9", "9", "10", "none", "9"]}  # 9 by 6: kept
+
+
+def responder(messages, body, k):
+    text = messages[-1]["content"]
+    for key, answers in VOTES.items():
+        if f"PROBLEM {key}" in text:
+            answer = answers[k]
+            if answer == "none":
+                return "I cannot solve this."
+            return f"Let me think. The answer is {answer}" if "=" in answer or "$" in answer \
+                else f"Some reasoning, then \\boxed{{{answer}}}."
+    if text.startswith("You are grading"):  # the judge: the score is in the response
+        found = re.search(r"quality (\d+)", text)
+        return f"Reasoning.\nScore: {found.group(1)}" if found else "No score here."
+    if "PROMPT" in text:  # the policy's k-th answer to a judge_pairs prompt
+        qualities = {"PROMPT wide": [2, 9, 5, 4], "PROMPT narrow": [5, 6, 7, 6],
+                     "PROMPT unscored": [None, 8, None, None]}
+        for key, q in qualities.items():
+            if key in text:
+                return f"answer {k} of quality {q[k]}" if q[k] is not None else f"answer {k}"
+    return "echo: " + text
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ScriptedLLM(responder, latency_s=0.0) as s:
+        yield s
+
+
+def synth(server, workflow, inp, out, *extra, timeout=120):
+    cmd = [sys.executable, "-m", "megaphi.synth.cli", "run", str(SYNTH / workflow), "--input",
+           str(inp), "--output", str(out), "--endpoint", server.url, "--model", MODEL,
+           "--no-progress", *map(str, extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=worker_env())
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_plurality_vote_keeps_majorities_only(server, tmp_path):
+    write(tmp_path / "q.jsonl", [{"id": k, "question": f"PROBLEM {k}"} for k in VOTES])
+    proc = synth(server, "plurality_vote.yaml", tmp_path / "q.jsonl", tmp_path / "out.jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["items"], summary["kept"], summary["dropped"], summary["failed"]) == (
+        5, 2, 3, 0)
+    got = {r["id"]: r for r in lines(tmp_path / "out.jsonl")}
+    assert set(got) == {"good", "words"}
+    assert got["good"]["answer"] == "7" and got["good"]["agreement"] == 5 / 8
+    assert got["words"]["answer"] == "9" and got["words"]["votes"] == {"9": 6, "10": 1}
+    assert got["good"]["type"] == "math" and got["good"]["question"] == "PROBLEM good"
+    prov = got["good"]["provenance"]
+    assert prov["workflow"] == "plurality_vote" and len(prov["requests"]) == 1
+    request = prov["requests"][0]
+    assert request["step"] == "answer" and request["model"] == MODEL
+    assert request["sampling"]["n"] == 8 and request["template"] == "plurality_vote_answer"
+    assert len(request["template_sha256"]) == 64 and len(request["output"]) == 8
+    assert request["attempts"] == 1 and request["usage"]["completion_tokens"] > 0
+    # the output is a questions file of Pivotal Token Search
+    from megaphi.pts.run import load_questions
+
+    assert [q["id"] for q in load_questions(str(tmp_path / "out.jsonl"))] == ["good", "words"]
+
+
+def test_judge_pairs_respect_the_gap_and_preprocess(server, tmp_path, cli):
+    write(tmp_path / "p.jsonl", [{"id": k, "prompt": f"PROMPT {k}"}
+                                 for k in ("wide", "narrow", "unscored")])
+    proc = synth(server, "judge_pairs.yaml", tmp_path / "p.jsonl", tmp_path / "pairs.jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (pair,) = lines(tmp_path / "pairs.jsonl")  # narrow: gap 2 < 3; unscored: one score
+    assert pair["id"] == "wide" and pair["gap"] == 7.0 and pair["scores"] == [2, 9, 5, 4]
+    assert pair["chosen"] == "answer 1 of quality 9" and pair["rejected"] == "answer 0 of " \
+                                                                             "quality 2"
+    steps = [r["step"] for r in pair["provenance"]["requests"]]
+    assert steps == ["respond"] + ["judge"] * 4
+    code, out, err = cli("--format", "preference", "--input", tmp_path / "pairs.jsonl",
+                         "--output-prefix", tmp_path / "pairs")
+    assert code == 0, err
+    assert json.loads((tmp_path / "pairs.meta.json").read_text())["full_pairs"] == 1
+
+
+def test_failures_are_recorded_counted_and_retried_by_the_next_run(server, tmp_path):
+    write(tmp_path / "q.jsonl", [{"id": f"g{i}", "question": f"PROBLEM good {i}"}
+                                 for i in range(4)])
+    server.faults["Solve the following problem. Reason step by step, then give the final "
+                  "answer as \\boxed{ANSWER}.\n\nPROBLEM good 2\n"] = ["always500"]
+    first = synth(server, "plurality_vote.yaml", tmp_path / "q.jsonl", tmp_path / "o.jsonl",
+                  "--max-retries", "1")
+    assert first.returncode == 1, first.stderr[-3000:]  # the run finishes, and says so
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["failed"] == 1 and summary["kept"] == 3
+    (failure,) = lines(tmp_path / "o.jsonl.failures.jsonl")
+    assert failure["input_id"] == "g2" and failure["error"] == "answer: HTTP 500: boom"
+    assert failure["provenance"][0]["attempts"] == 2
+    assert not (tmp_path / "o.jsonl.done").exists()
+    server.faults.clear()
+    before = server.requests
+    second = synth(server, "plurality_vote.yaml", tmp_path / "q.jsonl", tmp_path / "o.jsonl")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert server.requests == before + 1  # only the failed item, the rest done
+    assert sorted(r["id"] for r in lines(tmp_path / "o.jsonl")) == ["g0", "g1", "g2", "g3"]
+    assert (tmp_path / "o.jsonl.done").exists()
+
+
+def test_killed_run_resumes_each_record_once_and_a_rerun_is_free(tmp_path):
+    items = [{"id": f"q{i}", "question": f"PROBLEM good {i}"} for i in range(24)]
+    write(tmp_path / "q.jsonl", items)
+    with ScriptedLLM(responder, latency_s=0.25) as slow:
+        def command(out, *extra):
+            return [sys.executable, "-m", "megaphi.synth.cli", "run",
+                    str(SYNTH / "plurality_vote.yaml"), "--input", str(tmp_path / "q.jsonl"),
+                    "--output", str(out), "--endpoint", slow.url, "--model", MODEL,
+                    "--no-progress", "--concurrency", "2", *extra]
+
+        cmd = command(tmp_path / "o.jsonl")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        progress = tmp_path / "o.jsonl.progress.jsonl"
+        deadline = time.time() + 120
+        while not (progress.exists() and len(progress.read_text().splitlines()) >= 4):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        done_before = len(progress.read_text().splitlines())
+        assert done_before < 24
+        made = slow.requests
+        rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=worker_env(),
+                               timeout=120)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert json.loads(rerun.stdout.strip().splitlines()[-1])["done_before"] >= done_before
+        ids = [r["id"] for r in lines(tmp_path / "o.jsonl")]
+        assert sorted(ids) == sorted(i["id"] for i in items)  # each exactly once
+        assert slow.requests - made <= 24 - done_before  # the finished ones were not redone
+        # the same run again, into a new output: every answer from the cache
+        before = slow.requests
+        again = subprocess.run(command(tmp_path / "o2.jsonl", "--cache",
+                                       tmp_path / "o.jsonl.cache.sqlite"),
+                               capture_output=True, text=True, cwd=ROOT, env=worker_env(),
+                               timeout=120)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert slow.requests == before
+        summary = json.loads(again.stdout.strip().splitlines()[-1])
+        assert summary["requests"] == 0 and summary["cache_hits"] == 24
+        assert sorted(x.read_text().count("\n") for x in (tmp_path / "o.jsonl",
+                                                            tmp_path / "o2.jsonl")) == [24, 24]
+
+
+def test_bad_input_is_one_error_before_any_request(server, tmp_path):
+    from megaphi.platform import free_port
+
+    write(tmp_path / "q.jsonl", [{"id": 1, "question": "PROBLEM good"}])
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "question": "x"}\n{"id": 2, "quest\n')
+    write(tmp_path / "noq.jsonl", [{"id": 1, "question": "x"}, {"id": 2, "text": "y"}])
+    before = server.requests
+    cases = [(("plurality_vote.yaml", tmp_path / "bad.jsonl"), r"bad\.jsonl:2: not JSON"),
+             (("plurality_vote.yaml", tmp_path / "noq.jsonl"),
+              r"noq\.jsonl:2: template plurality_vote_answer needs \{question\}"),
+             (("nope.yaml", tmp_path / "q.jsonl"), r"nope\.yaml: No such file")]
+    for (workflow, inp), message in cases:
+        proc = synth(server, workflow, inp, tmp_path / "out.jsonl")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert re.search(message, proc.stderr.strip().splitlines()[-1]), proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert server.requests == before and not (tmp_path / "out.jsonl").exists()
+
+    class Down:
+        url = f"http://127.0.0.1:{free_port()}/v1"
+    proc = synth(Down, "plurality_vote.yaml", tmp_path / "q.jsonl", tmp_path / "out.jsonl",
+                 "--max-retries", "0", "--timeout", "5")
+    assert proc.returncode == 2 and "is unreachable" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
