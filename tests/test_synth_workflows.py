@@ -43,7 +43,7 @@ def responder(messages, body, k):
         for key, q in qualities.items():
             if key in text:
                 return f"answer {k} of quality {q[k]}" if q[k] is not None else f"answer {k}"
-    return "echo: " + text
+    return more(text)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,127 @@ def test_bad_input_is_one_error_before_any_request(server, tmp_path):
                  "--max-retries", "0", "--timeout", "5")
     assert proc.returncode == 2 and "is unreachable" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def more(text):
+    """The answers of seed curation, self-revision and instruction reversal."""
+    if text.startswith("Rate the educational value"):
+        return "Fine.\nScore: 8" if "GOODPAGE" in text else "Spam.\nScore: 3"
+    if text.startswith("Rate the following passage"):
+        rich = "rich" in text
+        return (f"Notes.\nFactual: {8 if rich else 2}\nReasoning: {7 if rich else 6}\n"
+                f"Complexity: {'high' if rich else 'low'}\nObscurity: low")
+    if text.startswith("Critique the response"):  # passes once the response is version 2
+        return "Good.\nVerdict: PASS" if "version 2" in text else "Too short.\nVerdict: REVISE"
+    if text.startswith("Rewrite the response"):
+        version = int(re.search(r"Response:\n.*version (\d+)", text).group(1))
+        return f"answer, version {version + 1}"
+    if text.startswith("TASK"):  # a self-revision draft
+        return "answer, version 0"
+    if text.startswith("Here is a Python program"):
+        return "Write " + re.search(r"def (\w+)", text).group(1) + " of two numbers."
+    if text.startswith("Write add"):  # regenerated right, with other names
+        return "Sure:\n```python\ndef add(x, y):\n    return x + y\n```"
+    if text.startswith("Write sub"):  # regenerated wrong
+        return "```python\ndef sub(a, b):\n    return b - a\n```"
+    if text.startswith("Write mul"):  # no tests: compared by normalised AST
+        return '```python\ndef mul(p, q):\n    """Product."""\n    return p * q\n```'
+    if text.startswith("Write div"):
+        return "```python\nimport math\ndef div(a, b):\n    return math.floor(a / b) + 0\n```"
+    return "echo: " + text
+
+
+def run_inprocess(server, workflow, records, out, **settings):
+    """The runner in this process (the CLI is covered above)."""
+    import asyncio
+
+    from megaphi.synth.client import ChatClient
+    from megaphi.synth.workflow import WorkflowSpec, run_workflow
+
+    spec = WorkflowSpec.load(str(SYNTH / workflow))
+    spec.settings.update(settings)
+    client = ChatClient(server.url, MODEL, api_key_env=None, backoff_base=0.01)
+    inputs = [{**r, "_where": f"in.jsonl:{k + 1}"} for k, r in enumerate(records)]
+
+    async def go():
+        try:
+            return await run_workflow(spec, inputs, client, str(out), progress=False)
+        finally:
+            await client.close()
+    summary = asyncio.run(go())
+    return summary, lines(out) if out.exists() else []
+
+
+def test_seed_curation_keeps_good_pages_and_rich_passages(server, tmp_path):
+    page = "GOODPAGE intro.\n\nA rich passage about tides.\n\nA thin one.\n\nAnother rich one."
+    summary, out = run_inprocess(server, "seed_curation.yaml",
+                                 [{"id": "p1", "text": page},
+                                  {"id": "p2", "text": "BADPAGE rich rich"}],
+                                 tmp_path / "seeds.jsonl", passage_chars=20)
+    assert (summary["kept"], summary["dropped"]) == (1, 1)
+    assert [r["id"] for r in out] == ["p1/1", "p1/3"]
+    assert out[0]["text"] == "A rich passage about tides."
+    assert out[0]["scores"] == {"page": 8.0, "factual": 8.0, "reasoning": 7.0}
+    assert out[0]["tags"] == {"complexity": "high", "obscurity": "low"}
+    assert summary["requests"] == 2 + 4  # two pages, then the good one's four passages
+
+
+def test_self_revision_stops_when_the_critique_passes(server, tmp_path):
+    summary, out = run_inprocess(server, "self_revision.yaml", [{"id": "t", "prompt": "TASK"}],
+                                 tmp_path / "rev.jsonl")
+    (record,) = out
+    assert record["passed"] and [r["verdict"] for r in record["rounds"]] == [
+        "revise", "revise", "pass"]
+    assert record["messages"][1]["content"] == "answer, version 2"
+    steps = [q["step"] for q in record["provenance"]["requests"]]
+    assert steps == ["draft", "critique", "revise", "critique", "revise", "critique"]
+    summary, out = run_inprocess(server, "self_revision.yaml", [{"id": "t", "prompt": "TASK"}],
+                                 tmp_path / "rev1.jsonl", max_rounds=1)
+    assert out == [] and summary["dropped"] == 1  # not passed within one round
+    summary, out = run_inprocess(server, "self_revision.yaml", [{"id": "t", "prompt": "TASK"}],
+                                 tmp_path / "rev2.jsonl", max_rounds=1, keep_unpassed=True)
+    assert not out[0]["passed"] and len(out[0]["rounds"]) == 2
+
+
+def test_instruction_reversal_keeps_round_trips_that_pass_the_tests(server, tmp_path):
+    records = [{"id": "add", "code": "def add(a, b):\n    return a + b",
+                "tests": "assert add(2, 3) == 5"},
+               {"id": "sub", "code": "def sub(a, b):\n    return a - b",
+                "tests": "assert sub(5, 3) == 2"},
+               {"id": "mul", "code": "def mul(a, b):\n    return a * b"},
+               {"id": "div", "code": "def div(a, b):\n    return a // b"}]
+    summary, out = run_inprocess(server, "instruction_reversal.yaml", records,
+                                 tmp_path / "rev.jsonl")
+    got = {r["id"]: r for r in out}
+    assert set(got) == {"add", "mul"}  # sub fails its tests; div is too far from the code
+    assert got["add"]["fidelity"]["method"] == "tests" and got["add"]["fidelity"]["passed"]
+    assert got["add"]["instruction"] == "Write add of two numbers."
+    assert got["add"]["messages"] == [{"role": "user", "content": "Write add of two numbers."},
+                                      {"role": "assistant", "content": records[0]["code"]}]
+    assert got["mul"]["fidelity"] == {"method": "ast_similarity", "score": 1.0,
+                                      "threshold": 0.8}
+    assert list(got["add"])[:2] == ["instruction", "code"]  # instruction first
+
+
+def test_ast_similarity_and_execution_validation(tmp_path):
+    import asyncio
+
+    from megaphi.synth.client import ChatClient
+    from megaphi.synth.workflow import WorkflowSpec, run_workflow
+    from megaphi.synth.workflows import ast_similarity
+
+    assert ast_similarity('def f(a):\n    """doc"""\n    return a + 1',
+                          "def g(x):\n    return x + 1") == 1.0
+    assert ast_similarity("def f(a):\n    return a + 1", "def f(a):\n    return a * 2") < 1
+    assert ast_similarity("def f(a):", "x = 1") == 0.0  # does not parse
+    records = [{"id": "ok", "code": "def f():\n    return 1", "tests": "assert f() == 1",
+                "source": "kept as is"},
+               {"id": "bad", "code": "def f():\n    return 2", "tests": "assert f() == 1"}]
+    spec = WorkflowSpec.load(str(SYNTH / "execution_validation.yaml"))
+    client = ChatClient("http://127.0.0.1:9/v1", "none", api_key_env=None)  # never called
+    inputs = [{**r, "_where": f"in:{k}"} for k, r in enumerate(records)]
+    summary = asyncio.run(run_workflow(spec, inputs, client, str(tmp_path / "v.jsonl"),
+                                       progress=False))
+    (kept,) = lines(tmp_path / "v.jsonl")
+    assert kept["id"] == "ok" and kept["source"] == "kept as is"
+    assert kept["validation"]["passed"] and summary["requests"] == 0

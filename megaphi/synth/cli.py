@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("workflow", metavar="WORKFLOW.yaml")
     run.add_argument("--input", required=True, metavar="IN.jsonl")
     run.add_argument("--output", required=True, metavar="OUT.jsonl")
-    run.add_argument("--endpoint", required=True, metavar="URL",
-                     help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    run.add_argument("--model", required=True, metavar="NAME")
+    run.add_argument("--endpoint", metavar="URL",
+                     help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (every "
+                          "kind but execution_validation)")
+    run.add_argument("--model", metavar="NAME", help="the model the endpoint serves")
     run.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                      help="environment variable holding the API key (default OPENAI_API_KEY)")
     run.add_argument("--concurrency", type=int, default=16)
@@ -101,11 +102,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     output = shard_output(args.output, args.shard_index, args.num_shards)
     try:
         spec = WorkflowSpec.load(args.workflow)
+        from megaphi.synth.workflows import KINDS
+
+        if KINDS[spec.kind].steps and not (args.endpoint and args.model):
+            return fail(f"{spec.kind} sends requests: give --endpoint URL and --model NAME")
         inputs = load_inputs(args.input)
         client_cache = RequestCache(args.cache or output + ".cache.sqlite",
                                     read=not args.no_cache)
-        client = ChatClient(args.endpoint, args.model, args.api_key_env, args.concurrency,
-                            args.max_retries, args.timeout, client_cache)
+        client = ChatClient(args.endpoint or "http://127.0.0.1/v1", args.model or "none",
+                            args.api_key_env, args.concurrency, args.max_retries, args.timeout,
+                            client_cache)  # a kind without steps never calls it
     except (SynthError, OSError) as exc:
         return fail(str(exc))
     log.info("%s (%s): %d items from %s, shard %d of %d -> %s; %s, model %s, concurrency %d",

@@ -194,7 +194,15 @@ async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClien
     logic = KINDS[spec.kind](spec.settings)
     for record in inputs:  # every template field is given, before any request
         logic.check_input(record, spec)
-    await client.check()
+    if logic.needs_sandbox:  # bubblewrap works here, before any request
+        from megaphi.sandbox import SandboxUnavailable, run_python
+
+        try:
+            run_python("pass")
+        except SandboxUnavailable as exc:
+            raise SynthError(str(exc)) from None
+    if logic.steps:
+        await client.check()
     index, count = shard
     mine = [r for i, r in enumerate(inputs) if i % count == index]
     out = ResumableOutput(output, "input_id")
