@@ -130,3 +130,25 @@ def test_benchmark_pts_reports_rollout_speed_and_search_cost():
         assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-4000:]
         errors = [x for x in proc.stderr.splitlines() if x.startswith("benchmark_pts: error:")]
         assert len(errors) == 1 and flag in errors[0], proc.stderr[-4000:]
+
+
+def test_benchmark_synth_reports_throughput_against_the_bound():
+    """tools/benchmark_synth.py at a small setting: each run's throughput, its bound
+    (concurrency / latency) and the requests in flight, counted by client and server."""
+    tool = ROOT / "tools" / "benchmark_synth.py"
+    proc = subprocess.run([sys.executable, str(tool), "--latency", "0.1", "--concurrency", "1",
+                           "8", "--rounds", "2", "--json"], capture_output=True, text=True,
+                          env=worker_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = {r["concurrency"]: r for r in out["runs"]}
+    assert set(runs) == {1, 8}
+    for c, r in runs.items():
+        assert r["failed"] == 0 and r["requests"] == 16
+        assert r["bound"] == pytest.approx(c / 0.1)
+        assert r["client_max_in_flight"] == r["server_max_in_flight"] == c
+        assert 0 < r["fraction_of_bound"] <= 1.0
+        assert r["throughput"] == pytest.approx(16 / r["seconds"], rel=0.01)
+    bad = subprocess.run([sys.executable, str(tool), "--latency", "0"], capture_output=True,
+                         text=True, env=worker_env(), timeout=60)
+    assert bad.returncode == 2 and "benchmark_synth: error: --latency" in bad.stderr

@@ -325,3 +325,24 @@ def test_ast_similarity_and_execution_validation(tmp_path):
     (kept,) = lines(tmp_path / "v.jsonl")
     assert kept["id"] == "ok" and kept["source"] == "kept as is"
     assert kept["validation"]["passed"] and summary["requests"] == 0
+
+
+def test_shards_split_the_input_and_mark_completion(server, tmp_path):
+    """Shard 0 of 2 by flag, shard 1 of 2 from the SLURM array variables: every other line
+    each, one output and one .done marker per shard."""
+    write(tmp_path / "q.jsonl", [{"id": f"q{i}", "question": f"PROBLEM good {i}"}
+                                 for i in range(5)])
+    first = synth(server, "plurality_vote.yaml", tmp_path / "q.jsonl", tmp_path / "o.jsonl",
+                  "--shard-index", "0", "--num-shards", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    cmd = [sys.executable, "-m", "megaphi.synth.cli", "run", str(SYNTH / "plurality_vote.yaml"),
+           "--input", str(tmp_path / "q.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+           "--endpoint", server.url, "--model", MODEL, "--no-progress"]
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env=worker_env(SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_COUNT="2"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    shards = [tmp_path / f"o.shard-{i}-of-2.jsonl" for i in range(2)]
+    assert [sorted(r["id"] for r in lines(s)) for s in shards] == [["q0", "q2", "q4"],
+                                                                  ["q1", "q3"]]
+    assert all(s.with_name(s.name + ".done").exists() for s in shards)
+    assert not (tmp_path / "o.jsonl").exists()

@@ -84,10 +84,10 @@ def shard_output(output: str, index: int, count: int) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megaphi.platform import configure_logging
-
-    configure_logging("INFO")
+    # megaphi.platform.configure_logging's format, without importing torch for a client
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("megaphi.synth")
+    logging.getLogger("megaphi").setLevel("INFO")
     from megaphi.synth.cache import RequestCache
     from megaphi.synth.client import ChatClient, SynthError
     from megaphi.synth.workflow import WorkflowSpec, load_inputs, run_workflow
@@ -106,7 +106,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if KINDS[spec.kind].steps and not (args.endpoint and args.model):
             return fail(f"{spec.kind} sends requests: give --endpoint URL and --model NAME")
-        inputs = load_inputs(args.input)
+        try:
+            inputs = load_inputs(args.input)
+        except OSError as exc:
+            return fail(f"--input {args.input}: {exc.strerror}")
         client_cache = RequestCache(args.cache or output + ".cache.sqlite",
                                     read=not args.no_cache)
         client = ChatClient(args.endpoint or "http://127.0.0.1/v1", args.model or "none",
