@@ -346,3 +346,14 @@ def test_shards_split_the_input_and_mark_completion(server, tmp_path):
                                                                   ["q1", "q3"]]
     assert all(s.with_name(s.name + ".done").exists() for s in shards)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_every_shipped_workflow_loads():
+    from megaphi.synth.workflow import WorkflowSpec
+    from megaphi.synth.workflows import KINDS
+
+    specs = [WorkflowSpec.load(str(p)) for p in sorted(SYNTH.glob("*.yaml"))]
+    assert {s.kind for s in specs} == set(KINDS)  # every kind has an example
+    for spec in specs:
+        assert set(spec.templates) == set(KINDS[spec.kind].steps), spec.path
+        assert all(t.fields for t in spec.templates.values()), spec.path
