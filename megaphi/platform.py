@@ -138,7 +138,8 @@ def read_launch_env(environ: Optional[dict] = None) -> LaunchEnv:
     """Read rank and rendezvous from torchrun (``RANK``, ...) or SLURM (``SLURM_PROCID``, ...).
 
     torchrun's variables win when both are set (``srun torchrun`` sets both). Without either,
-    this is a single process rendezvousing on localhost.
+    this is a single process: :func:`init_runtime` gives it an in-memory store, so it takes no
+    port (``MASTER_PORT`` is not used).
     """
     env = os.environ if environ is None else environ
     port = int(env.get("MASTER_PORT", 29500))
@@ -347,10 +348,14 @@ def init_runtime(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10,
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend, rank=env.rank, world_size=env.world_size,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if env.launcher == "single" and env.world_size == 1:  # no rendezvous: no port to take
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend, rank=env.rank, world_size=env.world_size,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}", timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
