@@ -218,6 +218,8 @@ def test_pts_run_writes_confirmed_token_pairs_and_resumes_without_duplicates(tmp
     assert len((tmp_path / "resumed.jsonl.progress.jsonl").read_text().splitlines()) == 3
     with open(out, "a") as f:  # a question's pairs written, its done mark not: dropped
         f.write(json.dumps({**pairs[0], "question_id": "q2"}) + "\n")
+    with open(str(out) + ".progress.jsonl", "a") as f:  # its done mark torn by the kill
+        f.write('{"id": "q2", "kept"')
     assert run_pts(tmp_path, out) == summary
     assert out.read_text() == straight.read_text()
     assert run_pts(tmp_path, out, stop_after=0) == summary  # all done: nothing sampled

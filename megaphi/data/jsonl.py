@@ -51,17 +51,20 @@ class ResumableOutput:
         self.progress = Path(str(path) + ".progress.jsonl")
         self.lock = Path(str(path) + ".lock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: Dict[str, dict] = {}
+        self._read_to = 0  # bytes of the progress file already read into self.done
         with self._locked():
-            self.done = self._read_progress()
+            self._read_progress()
+            if self.progress.exists() and self.progress.stat().st_size > self._read_to:
+                os.truncate(self.progress, self._read_to)  # a torn last line: not done
             if self.path.exists():
                 text = self.path.read_text(encoding="utf-8")
                 lines = text.splitlines(keepends=True)
-                if lines and not lines[-1].endswith("\n"):
-                    lines.pop()  # torn by a kill during the append
-                keep = [x for x in lines if x.strip() and self._keep(x, owns)]
-                if "".join(keep) != text:
+                keep = [x for x in lines if x.endswith("\n") and x.strip()  # whole lines only
+                        and self._keep(x, owns)]
+                if len(keep) != len(lines):
                     logger.info("%s: removing %d lines of unfinished items", self.path,
-                                len(lines) - len(keep) + (not text.endswith("\n") and bool(text)))
+                                len(lines) - len(keep))
                     tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.tmp")
                     tmp.write_text("".join(keep), encoding="utf-8")
                     os.replace(tmp, self.path)
@@ -83,14 +86,20 @@ class ResumableOutput:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _read_progress(self) -> Dict[str, dict]:
-        done = {}
-        if self.progress.exists():
-            for line in self.progress.read_text(encoding="utf-8").splitlines(keepends=True):
-                if line.endswith("\n") and line.strip():  # a torn last line: not done
+    def _read_progress(self) -> None:
+        """Add to ``done`` the progress lines written since the last read (by any process);
+        a torn last line is not done (opening truncates it)."""
+        if not self.progress.exists():
+            return
+        with open(self.progress, "rb") as f:
+            f.seek(self._read_to)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                self._read_to += len(line)
+                if line.strip():
                     stats = json.loads(line)
-                    done[str(stats["id"])] = stats
-        return done
+                    self.done[str(stats["id"])] = stats
 
     def write(self, item: str, lines: Iterable[dict], stats: dict) -> Dict[str, dict]:
         """Append a finished item's lines, then mark it done with ``stats``; returns every item
@@ -104,5 +113,5 @@ class ResumableOutput:
                 f.write(json.dumps({**stats, "id": item}, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            self.done = self._read_progress()
+            self._read_progress()
         return self.done

@@ -29,6 +29,14 @@ class Sampling:
     stop_ids: Sequence[int] = field(default_factory=tuple)
     """A rollout ends after any of these ids (Phi-4: ``<|im_end|>``, ``<|endoftext|>``)."""
 
+    def budget(self, prompt_length: int, context: Optional[int]) -> int:
+        """New tokens a rollout of a ``prompt_length``-token prompt gets: ``max_new_tokens``,
+        at most what the model's ``context`` leaves (unbounded when it is None); below 1, the
+        rollout is empty."""
+        if context is None:
+            return self.max_new_tokens
+        return min(self.max_new_tokens, context - prompt_length)
+
 
 Completion = Tuple[List[int], List[float]]
 """A sampled continuation: its token ids and each token's log-prob under the policy."""
@@ -42,7 +50,7 @@ class MegaphiBackend:
 
     def sample(self, prompt_ids: List[int], n: int, seed: int) -> List[Completion]:
         s = self.sampling
-        budget = min(s.max_new_tokens, self.model.config.model.seq_length - len(prompt_ids))
+        budget = s.budget(len(prompt_ids), self.model.config.model.seq_length)
         if budget < 1:
             return [([], []) for _ in range(n)]
         out = self.model.generate(prompt_ids, max_new_tokens=budget, temperature=s.temperature,
@@ -87,11 +95,9 @@ class OpenAIBackend:
 
     def sample(self, prompt_ids: List[int], n: int, seed: int) -> List[Completion]:
         s = self.sampling
-        budget, context = s.max_new_tokens, self.context_length()
-        if context is not None:  # as the megaphi backend: what the context leaves, at most
-            budget = min(budget, context - len(prompt_ids))
-            if budget < 1:
-                return [([], []) for _ in range(n)]
+        budget = s.budget(len(prompt_ids), self.context_length())
+        if budget < 1:
+            return [([], []) for _ in range(n)]
         response = self.client.completions.create(
             model=self.model, prompt=list(prompt_ids), n=n, seed=seed,
             temperature=s.temperature, top_p=s.top_p, max_tokens=budget, logprobs=0,
