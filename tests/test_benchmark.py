@@ -152,3 +152,38 @@ def test_benchmark_synth_reports_throughput_against_the_bound():
     bad = subprocess.run([sys.executable, str(tool), "--latency", "0"], capture_output=True,
                          text=True, env=worker_env(), timeout=60)
     assert bad.returncode == 2 and "benchmark_synth: error: --latency" in bad.stderr
+
+
+JANITOR_STAND_IN = '''
+class Janitor:
+    """lm-evaluation-harness's Janitor API (13-gram detection), for the harness's wiring."""
+    def __init__(self, ngram_n=13, minimum_slice_length=200):
+        self.n, self.grams = ngram_n, set()
+    def _grams(self, text):
+        words = "".join(c for c in text.lower() if c.isalnum() or c.isspace()).split()
+        return {" ".join(words[i:i + self.n]) for i in range(len(words) - self.n + 1)}
+    def register_contaminant_python(self, text):
+        self.grams |= self._grams(text)
+    def clean_python(self, text):
+        return [] if self._grams(text) & self.grams else [text]
+'''
+
+
+def test_benchmark_decontam_reports_speed_and_the_side_by_side(tmp_path):
+    tool = Path(__file__).resolve().parents[1] / "tools" / "benchmark_decontam.py"
+    janitor = tmp_path / "janitor.py"
+    janitor.write_text(JANITOR_STAND_IN)
+    proc = subprocess.run([sys.executable, str(tool), "--corpus-mb", "0.4", "--janitor-mb",
+                           "0.2", "--items-scale", "0.02", "--workers", "2", "--janitor",
+                           str(janitor)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "test items in 20 benchmarks" in out
+    for row in ("megaphi, 1 worker ", "megaphi, 2 workers", "megaphi, 1 worker (head)",
+                "Janitor (python), 1 core"):
+        assert row in out, out
+    assert "speed-up on the same 0.2 MB, one core each:" in out
+    detections = out.split("13-gram detections: ")[1].split()
+    ours, theirs, both = int(detections[1].rstrip(",")), int(detections[3].rstrip(",")), \
+        int(detections[5])
+    assert ours > 0 and both >= 0.8 * max(ours, theirs), out
