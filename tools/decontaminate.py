@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     run.add_argument("--num-shards", type=int,
                      default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
-    run.add_argument("--gzip-level", type=int, default=6, choices=range(1, 10), metavar="1-9")
+    run.add_argument("--gzip-level", type=int, default=1, choices=range(1, 10), metavar="1-9",
+                     help="compression of .gz outputs (default 1: on 100 MB of text, level 6 "
+                          "made the whole run 2.4x slower)")
     run.add_argument("--no-merge", action="store_true",
                      help="leave the outputs per part in DIR/parts (no copy into one file)")
     return p
