@@ -91,10 +91,10 @@ def check_prompt_fits(iter_dir, args) -> None:
 
 def stop_ids(tokenizer, chat: bool) -> List[int]:
     """``<|im_end|>`` in chat mode; also the end-of-document token for plain prompts."""
-    eos = getattr(tokenizer, "eos_id", None)
-    if eos is None:  # a Hugging Face tokenizer directory
-        eos = tokenizer.eod_id
-    return [eos] if chat else sorted({eos, tokenizer.eod_id})
+    from megaphi.data.chat import chat_token_ids
+
+    im_end = chat_token_ids(tokenizer).im_end  # Phi-4's, or a tokenizer directory's
+    return [im_end] if chat else sorted({im_end, tokenizer.eod_id})
 
 
 def generate_text(model, prompt: str, chat: bool = False, system: Optional[str] = None,
