@@ -180,3 +180,17 @@ def test_cli_errors_exit_2_with_one_message(ckpt, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stop_ids_come_from_the_tokenizer(char_tokenizer):
+    """A chat turn ends at the tokenizer's own <|im_end|>, whatever its id (the character-level
+    tokenizer's is 100, not Phi-4's 100265); a plain prompt also at the end of document."""
+    from megaphi.data.tokenizer import Phi4Tokenizer, load_tokenizer
+    from megaphi.generate import stop_ids
+
+    char = load_tokenizer(str(char_tokenizer))
+    vocab = json.loads((Path(char_tokenizer) / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    assert stop_ids(char, chat=True) == [ids["<|im_end|>"]]
+    assert stop_ids(char, chat=False) == sorted({ids["<|im_end|>"], ids["<|endoftext|>"]})
+    assert stop_ids(Phi4Tokenizer(), chat=True) == [100265]
