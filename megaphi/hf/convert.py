@@ -466,6 +466,21 @@ def _write_weights(model: torch.nn.Module, cfg: MegaphiConfig, out: Path, dtype:
     return len(plan), total
 
 
+def _special_token_ids(cfg: MegaphiConfig) -> Optional[Dict[str, int]]:
+    """bos / eos / pad ids of the checkpoint's tokenizer when it is not Phi-4's (whose ids
+    ``mapping`` knows): <|endoftext|> begins, <|im_end|> (else the tokenizer's end of document)
+    ends a chat turn, and padding is the tokenizer's pad token (else the end of document)."""
+    spec = cfg.data.tokenizer
+    if spec == "phi4" or not Path(spec).is_dir():
+        return None
+    from megaphi.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    vocab = tok._tok.get_vocab()
+    return {"bos": vocab.get("<|endoftext|>", tok.eod_id),
+            "eos": vocab.get("<|im_end|>", tok.eod_id), "pad": tok.pad_id}
+
+
 def _write_tokenizer(cfg: MegaphiConfig, out: Path) -> List[str]:
     """The tokenizer files of the checkpoint's tokenizer, when they can be produced."""
     from megaphi.hf.tokenizer import phi4_tokenizer_fits, write_phi4_tokenizer
@@ -512,7 +527,9 @@ def export_hf_checkpoint(ckpt: str, out: str, dtype: Optional[str] = None,
     iter_dir = resolve_checkpoint(ckpt)
     cfg = single_process_config(checkpoint_config(iter_dir))
     out_dtype = dtype or cfg.precision.dtype
-    hf_config = mapping.hf_config_from_model(cfg.model, _HF_DTYPE_NAMES[out_dtype])  # may refuse
+    token_ids = _special_token_ids(cfg)
+    hf_config = mapping.hf_config_from_model(cfg.model, _HF_DTYPE_NAMES[out_dtype],
+                                             token_ids)  # may refuse
     out_path = Path(out)
     tmp = _check_new_output(out_path, "--out")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -528,7 +545,7 @@ def export_hf_checkpoint(ckpt: str, out: str, dtype: Optional[str] = None,
             SingleProcessRuntime.release()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
-            json.dumps(mapping.generation_config(), indent=2) + "\n")
+            json.dumps(mapping.generation_config(token_ids), indent=2) + "\n")
         tokenizer_files = _write_tokenizer(cfg, tmp)
         _finish_output(tmp, out_path)
     except BaseException:
