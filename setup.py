@@ -43,7 +43,9 @@ setup(
         # TRL only for tests/test_dpo_parity.py (DPO loss parity); pinned: the test drives
         # DPOTrainer's evaluation, whose loss code moves between releases.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", *HF, "trl==1.16.0",
-                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", MATH_VERIFY],
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.40", MATH_VERIFY, "matplotlib>=3.7"],
+        # tools/plot_metrics.py (the recipe's curves)
+        "plot": ["matplotlib>=3.7"],
         # Pivotal Token Search: the math oracle (the code oracle's sandbox is bubblewrap, a
         # system package: apt-get install bubblewrap)
         "pts": [MATH_VERIFY, "openai>=1.40"],

@@ -129,7 +129,7 @@ def cli(capsys):
 # The slowest modules (torchrun launches, training runs), slowest first. pytest-xdist's
 # --dist loadfile hands out modules in collection order, so starting these first keeps one
 # long module from running alone at the end (longest-first scheduling on two workers).
-SLOW_FIRST = ("test_dpo.py", "test_pts_e2e.py", "test_sft_e2e.py", "test_hf_interop.py",
+SLOW_FIRST = ("test_recipe.py", "test_dpo.py", "test_pts_e2e.py", "test_sft_e2e.py", "test_hf_interop.py",
               "test_midtrain.py", "test_training.py", "test_sft.py", "test_serve.py",
               "test_dpo_parity.py",
               "test_parallel_equivalence.py", "test_benchmark.py", "test_generate.py",
