@@ -53,6 +53,16 @@ examples:
   %(prog)s --format chat --input examples/data/chat/faq_train.jsonl --output-prefix out/sft
   %(prog)s --format preference --input pairs.jsonl --output-prefix out/dpo
   %(prog)s --merge out/part0 out/part1 --output-prefix out/all
+  %(prog)s --adopt megatron/web_text_document megatron/code_text_document --tokenizer phi4
+
+adopting: a dataset written by Megatron-LM's tools/preprocess_data.py (or any
+IndexedDatasetBuilder) trains once it has a PREFIX.meta.json. --adopt checks, per prefix: that
+Megatron-Core's IndexedDataset reads it and the .bin matches the .idx; an integer dtype wide
+enough for the tokenizer; every id inside the vocabulary (else the document is named); every
+document ending with the end-of-document id (else refused, unless --allow-missing-eod); and
+that sampled documents decode and re-encode to the same ids (at least --min-roundtrip of them:
+ids from another tokenizer do not). It then writes PREFIX.meta.json marked "adopted", and
+nothing at all when a check fails. Text (pre-training) datasets only.
 
 exit status: 0 on success, 2 on bad arguments or input (one 'error:' line), 1 on a
 system error (disk full, permissions), 130 if interrupted."""
@@ -68,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--merge", nargs="+", metavar="PREFIX",
                         help="instead of tokenising, concatenate these datasets in order; their "
                              "tokenizer fingerprints must match")
-    parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
+    source.add_argument("--adopt", nargs="+", metavar="PREFIX",
+                        help="instead of tokenising, check indexed datasets another tool wrote "
+                             "(Megatron-LM's tools/preprocess_data.py: PREFIX_text_document) "
+                             "against --tokenizer and write the PREFIX.meta.json training needs "
+                             "(see 'adopting' below); the .bin and .idx are only read")
+    parser.add_argument("--output-prefix", metavar="PREFIX",
                         help="write PREFIX.bin, PREFIX.idx and PREFIX.meta.json (the directory "
-                             "is created if missing)")
+                             "is created if missing); with --input or --merge")
     tokenise = parser.add_argument_group("tokenising (with --input)")
     tokenise.add_argument("--format", default=None, choices=FORMATS,
                           help="what each line holds: a document's text, a conversation or a "
@@ -87,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="skip and count bad lines (text: not a JSON object with a string "
                                "under --json-key; chat: not a valid conversation; preference: "
                                "not a valid pair) instead of stopping at the first one")
+    adopting = parser.add_argument_group("adopting (with --adopt; also --tokenizer)")
+    adopting.add_argument("--allow-missing-eod", action="store_true",
+                          help="adopt datasets whose documents do not end with the tokenizer's "
+                               "end-of-document id (Megatron-LM without --append-eod); training "
+                               "then runs documents together")
+    adopting.add_argument("--min-roundtrip", type=float, default=None, metavar="F",
+                          help="refuse a dataset when fewer than this fraction of sampled "
+                               "documents decode and re-encode to the same ids (default 0.9)")
+    adopting.add_argument("--roundtrip-samples", type=int, default=None, metavar="N",
+                          help="documents sampled for the round trip (default 64)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -94,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 def fail(message: str, code: int = 2) -> None:
     print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(code)
+
+
+def given_flags(args, *names: str) -> list:
+    """The command-line flags among ``names`` that were given (not left at None/False)."""
+    return ["--" + name.replace("_", "-") for name in names
+            if getattr(args, name) not in (None, False)]
 
 
 def main(argv=None) -> None:
@@ -108,13 +139,23 @@ def main(argv=None) -> None:
     from megaphi.data.preprocess import PreprocessError, merge, preprocess
     from megaphi.data.tokenizer import load_tokenizer
 
+    adopt_flags = given_flags(args, "allow_missing_eod", "min_roundtrip", "roundtrip_samples")
+    if args.adopt:
+        given = given_flags(args, "output_prefix", "format", "json_key", "workers",
+                            "skip_bad_lines")
+        if given:
+            fail(f"{', '.join(given)} do not apply with --adopt, which writes only "
+                 "PREFIX.meta.json beside each dataset")
+        adopt_datasets(args)
+        return
+    if adopt_flags:
+        fail(f"{', '.join(adopt_flags)} only apply with --adopt")
+    if not args.output_prefix:
+        fail("--output-prefix is required with --input and --merge")
     try:
         if args.merge:
-            given = [flag for flag, value in (("--format", args.format),
-                                              ("--json-key", args.json_key),
-                                              ("--tokenizer", args.tokenizer),
-                                              ("--workers", args.workers),
-                                              ("--skip-bad-lines", args.skip_bad_lines)) if value]
+            given = given_flags(args, "format", "json_key", "tokenizer", "workers",
+                                "skip_bad_lines")
             if given:
                 fail(f"{', '.join(given)} only apply with --input; --merge keeps each dataset's "
                      "tokens as they are")
@@ -140,6 +181,29 @@ def main(argv=None) -> None:
         fail(f"interrupted; temporary files removed, {args.output_prefix} left as it was",
              code=130)
     print(f"{PROG}: {result.summary()}")
+
+
+def adopt_datasets(args) -> None:
+    """--adopt: check each prefix and write its meta.json; a report line per prefix."""
+    from megaphi.data.adopt import DEFAULT_MIN_ROUNDTRIP, DEFAULT_ROUNDTRIP_SAMPLES, adopt
+    from megaphi.data.preprocess import PreprocessError
+    from megaphi.data.tokenizer import load_tokenizer
+
+    min_roundtrip = DEFAULT_MIN_ROUNDTRIP if args.min_roundtrip is None else args.min_roundtrip
+    samples = args.roundtrip_samples or DEFAULT_ROUNDTRIP_SAMPLES
+    if not 0 <= min_roundtrip <= 1 or samples < 1:
+        fail("--min-roundtrip must lie in [0, 1] and --roundtrip-samples be positive")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or "phi4")
+    except ValueError as e:
+        fail(str(e).replace("data.tokenizer=", "--tokenizer "))
+    for prefix in args.adopt:
+        try:
+            report = adopt(prefix, tokenizer, allow_missing_eod=args.allow_missing_eod,
+                           min_roundtrip=min_roundtrip, roundtrip_samples=samples)
+        except PreprocessError as e:
+            fail(str(e))
+        print(f"{PROG}: {report.summary()}")
 
 
 if __name__ == "__main__":

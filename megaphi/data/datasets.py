@@ -29,22 +29,29 @@ class _DatasetTokenizer:
 
 
 def check_datasets_tokenizer(prefixes: Sequence[str], tokenizer, model_vocab_size: int) -> None:
-    """Refuse datasets tokenised differently from ``tokenizer`` or beyond the model's vocab."""
-    from megaphi.data.preprocess import read_meta
+    """Refuse datasets that are incomplete, tokenised differently from ``tokenizer`` or beyond
+    the model's vocabulary (:class:`PreprocessError`, naming the prefix and the fix)."""
+    from megaphi.data.preprocess import PreprocessError, check_complete, read_meta
     from megaphi.data.tokenizer import check_tokenizer_fits_model
 
-    check_tokenizer_fits_model(tokenizer, model_vocab_size)
+    try:
+        check_tokenizer_fits_model(tokenizer, model_vocab_size)
+    except ValueError as exc:
+        raise PreprocessError(str(exc)) from None
     for prefix in prefixes:
-        recorded = read_meta(prefix)["tokenizer"]
+        meta = read_meta(prefix)
+        check_complete(prefix, meta)
+        recorded = meta["tokenizer"]
         if recorded["fingerprint"] != tokenizer.fingerprint:
-            raise ValueError(
+            raise PreprocessError(
                 f"{prefix}: tokenised with {recorded['name']} (fingerprint "
                 f"{recorded['fingerprint']}), but the run uses {tokenizer.name} "
                 f"({tokenizer.fingerprint}); re-run tools/preprocess_data.py with the run's "
                 "tokenizer or set data.tokenizer to match")
         if recorded["vocab_size"] > model_vocab_size:
-            raise ValueError(f"{prefix}: token ids go up to {recorded['vocab_size'] - 1} but "
-                             f"model.vocab_size is {model_vocab_size}")
+            raise PreprocessError(f"{prefix}: token ids go up to {recorded['vocab_size'] - 1} "
+                                  f"but model.vocab_size is {model_vocab_size}; raise "
+                                  "model.vocab_size or preprocess with a smaller tokenizer")
 
 
 def build_gpt_datasets(mixture: Mixture, tokenizer, seq_length: int, seed: int,

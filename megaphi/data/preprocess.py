@@ -152,6 +152,13 @@ def read_meta(prefix: PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
+        if os.path.isfile(dataset_paths(prefix)["bin"]) and os.path.isfile(
+                dataset_paths(prefix)["idx"]):
+            raise PreprocessError(
+                f"{path} does not exist, but {os.fspath(prefix)}.bin and .idx do: a dataset "
+                "written by another tool (Megatron-LM's preprocess_data.py) or an unfinished "
+                f"run; adopt it with: python tools/preprocess_data.py --adopt "
+                f"{os.fspath(prefix)} [--tokenizer ...], or {redo}") from None
         raise PreprocessError(f"{path} does not exist, so {os.fspath(prefix)} is not a complete "
                               f"megaphi dataset (wrong prefix, or an unfinished run); check the "
                               f"prefix or {redo}") from None
@@ -392,26 +399,36 @@ def _check_mergeable(prefixes: List[str], metas: List[dict]) -> Any:
                 f"{tok['fingerprint']}) with {prefixes[0]} (tokenizer {first_tok.get('name')}, "
                 f"fingerprint {first_tok['fingerprint']}): they were tokenised with different "
                 "tokenizers; preprocess all inputs again with the same --tokenizer")
-    dtypes = set()
-    for prefix, meta in zip(prefixes, metas):
-        paths = dataset_paths(prefix)
-        if not os.path.isfile(paths["bin"]):
-            raise PreprocessError(f"{paths['bin']} does not exist though {paths['meta']} does; "
-                                  f"preprocess {prefix} again")
-        if _LINE_FORMATS[first_kind].sequences and not os.path.isfile(extra_path(prefix)):
-            raise PreprocessError(f"{extra_path(prefix)} does not exist though {paths['meta']} "
-                                  f"does; preprocess {prefix} again")
-        dtype, documents = _read_idx_header(paths["idx"])
-        if documents != meta["documents"]:
-            raise PreprocessError(f"{paths['idx']} holds {documents} documents but "
-                                  f"{paths['meta']} says {meta['documents']}; the files are from "
-                                  f"different runs: preprocess {prefix} again")
-        dtypes.add(dtype)
+    dtypes = {check_complete(prefix, meta) for prefix, meta in zip(prefixes, metas)}
     if len(dtypes) != 1:
         raise PreprocessError(f"datasets {', '.join(prefixes)} store tokens as different dtypes "
                               f"({', '.join(sorted(np.dtype(d).name for d in dtypes))}); "
                               "preprocess them again with the same --tokenizer")
     return dtypes.pop()
+
+
+def check_complete(prefix: PathLike, meta: dict) -> Any:
+    """The files of the dataset ``meta`` describes are all there and agree with it (the .bin,
+    the sidecar of kinds that have one, the .idx's document count); returns the token dtype.
+
+    Raises:
+        PreprocessError: naming the file and the fix.
+    """
+    prefix = os.fspath(prefix)
+    paths = dataset_paths(prefix)
+    if not os.path.isfile(paths["bin"]):
+        raise PreprocessError(f"{paths['bin']} does not exist though {paths['meta']} does; "
+                              f"preprocess {prefix} again")
+    if _LINE_FORMATS[meta.get("kind", "text")].sequences and not os.path.isfile(
+            extra_path(prefix)):
+        raise PreprocessError(f"{extra_path(prefix)} does not exist though {paths['meta']} "
+                              f"does; preprocess {prefix} again")
+    dtype, documents = _read_idx_header(paths["idx"])
+    if documents != meta["documents"]:
+        raise PreprocessError(f"{paths['idx']} holds {documents} documents but "
+                              f"{paths['meta']} says {meta['documents']}; the files are from "
+                              f"different runs: preprocess {prefix} again")
+    return dtype
 
 
 def _read_idx_header(idx_path: str) -> Tuple[Any, int]:

@@ -39,6 +39,14 @@ def load_run_mixture(cfg: MegaphiConfig, phase: Phase):
                           f"blend in the mixture {cfg.data.mixture}",
                           "add a valid: section to the mixture or set train.eval_interval=0")
     phase.check_data(mixture)
+    from megaphi.data.datasets import check_datasets_tokenizer
+    from megaphi.data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except ValueError as exc:
+        raise ConfigError("data.tokenizer", str(exc), "fix data.tokenizer") from None
+    check_datasets_tokenizer(mixture.all_prefixes(), tokenizer, cfg.model.vocab_size)
     return mixture
 
 
