@@ -70,7 +70,8 @@ decontaminate() {
   for s in "${SOURCES[@]}"; do
     $PY tools/decontaminate.py run --benchmark examples/data/benchmarks/stand_in.jsonl \
       --input "examples/data/sample/$s.jsonl" --output-dir "$OUT/decon/$s" \
-      --allowlist "$OUT/data/allow.tsv" --workers 2 | head -1
+      --allowlist "$OUT/data/allow.tsv" --workers 2 > "$OUT/logs/decontaminate_$s.txt"
+    head -n 1 "$OUT/logs/decontaminate_$s.txt"  # DIR: N clean, N partial, N contaminated
   done
 }
 
