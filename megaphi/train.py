@@ -34,16 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. parallel.tp=2 train.iters=100")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and parameter counts, then exit")
+                        help="print the resolved config, parameter counts and the per-GPU memory "
+                             "estimate, then exit")
+    parser.add_argument("--world-size", type=int, default=None, metavar="GPUS",
+                        help="with --dry-run: GPUs of the job, for the data-parallel size "
+                             "(default: WORLD_SIZE or SLURM_NTASKS, else one replica)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None, metavar="GB",
+                        help="with --dry-run: memory of one GPU in GiB, to check the layout "
+                             "fits (default: the local GPU's, if any)")
     return parser
 
 
-def dry_run_report(cfg: MegaphiConfig) -> str:
-    """The text ``--dry-run`` prints: resolved config, parameter counts and per-token FLOPs."""
-    from megaphi.model.arithmetic import flops_per_token
-    from megaphi.model.builder import count_parameters
+def dry_run_report(cfg: MegaphiConfig, world_size: Optional[int] = None,
+                   gpu_memory_gb: Optional[float] = None) -> str:
+    """The text ``--dry-run`` prints: resolved config, parameter counts, per-token FLOPs and
+    the per-GPU memory estimate (:mod:`megaphi.model.memory`)."""
+    import os
 
-    counts = count_parameters(cfg)
+    import torch
+
+    from megaphi.model.arithmetic import flops_per_token
+    from megaphi.model.builder import build_meta_model, count_parameters
+    from megaphi.model.memory import estimate_memory, static_parameters
+
+    model = build_meta_model(cfg)
+    counts = count_parameters(cfg, model)
     p = cfg.parallel
     lines = [
         "# resolved config",
@@ -56,7 +71,18 @@ def dry_run_report(cfg: MegaphiConfig) -> str:
         f"layout: tp={p.tp} pp={p.pp} vpp={p.vpp} cp={p.cp} sequence_parallel="
         f"{str(p.sequence_parallel).lower()}; model-parallel size {p.model_parallel_size}, "
         f"data-parallel size = world size / {p.model_parallel_size}",
+        "",
     ]
+    env = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+    world = world_size or (int(env) if env else None)
+    device_name = ""
+    if gpu_memory_gb is None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu_memory_gb, device_name = props.total_memory / (1 << 30), props.name
+    estimate = estimate_memory(cfg, world, static_parameters(cfg, model))
+    lines.append(estimate.report(gpu_memory_gb, device_name))
+    if gpu_memory_gb is None:
+        lines.append("(pass --gpu-memory-gb, e.g. 80 for an H100, to check that it fits)")
     return "\n".join(lines)
 
 
@@ -71,7 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"megaphi-train: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(dry_run_report(cfg))
+        try:
+            print(dry_run_report(cfg, args.world_size, args.gpu_memory_gb))
+        except ValueError as exc:
+            print(f"megaphi-train: error: --world-size: {exc}", file=sys.stderr)
+            return 2
         return 0
     from megaphi.phases.run import main_errors, run_training
 

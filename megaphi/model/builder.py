@@ -13,12 +13,17 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megaphi.config.schema import MegaphiConfig
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+
+    from megaphi.model.arithmetic import ParamCounts
 
 logger = logging.getLogger(__name__)
 
@@ -236,21 +241,17 @@ def build_model(cfg: MegaphiConfig, use_te: Optional[bool] = None,
     return chunks
 
 
-def count_parameters(cfg: MegaphiConfig) -> "ParamCounts":
-    """Count the parameters of the ``GPTModel`` this config defines, without allocating it.
-
-    Builds the whole model (TP=1, PP=1) on the meta device in a private single-process group,
-    so the count is that of the real Megatron-Core model, not of a formula. Must be called
-    when no Megatron parallel state is initialised in this process.
-    """
+def build_meta_model(cfg: MegaphiConfig) -> "GPTModel":
+    """The whole ``GPTModel`` this config defines (TP=1, PP=1) on the meta device, built in a
+    private single-process group, so nothing is allocated. Must be called when no Megatron
+    parallel state is initialised in this process."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megaphi.model.arithmetic import ParamCounts
     from megaphi.platform import install_cpu_compat, single_process_group
 
     if dist.is_initialized():
-        raise RuntimeError("count_parameters() needs a process without torch.distributed")
+        raise RuntimeError("build_meta_model() needs a process without torch.distributed")
     if not torch.cuda.is_available():
         install_cpu_compat()
     whole = dataclasses.replace(cfg, parallel=dataclasses.replace(
@@ -261,6 +262,16 @@ def count_parameters(cfg: MegaphiConfig) -> "ParamCounts":
             (model,) = build_model(whole, use_te=False, device=torch.device("meta"))
         finally:
             parallel_state.destroy_model_parallel()
+    return model
+
+
+def count_parameters(cfg: MegaphiConfig, model=None) -> "ParamCounts":
+    """Count the parameters of the ``GPTModel`` this config defines, without allocating it:
+    those of :func:`build_meta_model` (or ``model``, already built by it), so the count is that
+    of the real Megatron-Core model, not of a formula."""
+    from megaphi.model.arithmetic import ParamCounts
+
+    model = model if model is not None else build_meta_model(cfg)
     total = non_embedding = 0
     for name, param in model.named_parameters():
         total += param.numel()

@@ -16,7 +16,6 @@ for a check of the per-pair normalisation against a plain mean over the pairs.
 """
 
 import argparse
-import json
 import os
 from types import SimpleNamespace
 
