@@ -1,4 +1,8 @@
+import contextlib
+import fcntl
 import importlib.util
+import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -17,21 +21,49 @@ CHAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "chat"
 REPO = Path(__file__).resolve().parents[1]
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name):
+    """A directory for a session fixture, built once per test session rather than once per
+    pytest-xdist worker: yields (path, needs_build). The first worker to arrive builds it
+    under a lock, the others wait and reuse it; a build that fails leaves no marker, so the
+    next worker tries again (and fails the same way)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, shared by the workers' popen-gwK/ directories
+    path, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build = not done.exists()
+        if build:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+        yield path, build
+        if build:
+            done.touch()
+
+
 @pytest.fixture(scope="session")
 def sample_mixture(tmp_path_factory):
     """Two real sources of the shipped sample corpus, preprocessed with the real pipeline, as
     a mixture with train (40/60) and valid blends."""
-    from megaphi.data.preprocess import preprocess
     from megaphi.data.tokenizer import Phi4Tokenizer
 
-    tmp = tmp_path_factory.mktemp("data")
+    with built_once(tmp_path_factory, "data") as (tmp, build):
+        if build:
+            write_mixture(tmp, Phi4Tokenizer())
+    return tmp / "mix.yaml"
+
+
+def write_mixture(tmp, tok):
+    """The sample corpus's web and code sources tokenised with ``tok`` into ``tmp``, and their
+    mixture, ``tmp/mix.yaml``."""
+    from megaphi.data.preprocess import preprocess
+
     for source in ("web", "code"):
-        preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), Phi4Tokenizer(), workers=1)
-    path = tmp / "mix.yaml"
-    path.write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
-                    "  code: {weight: 0.6, prefixes: [code]}\n"
-                    "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
-    return path
+        preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), tok, workers=1)
+    (tmp / "mix.yaml").write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
+                                  "  code: {weight: 0.6, prefixes: [code]}\n"
+                                  "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
 
 
 @pytest.fixture(scope="session")
@@ -42,27 +74,22 @@ def char_tokenizer(tmp_path_factory):
     of training mechanics (resume, resharding, kills) where the vocabulary does not matter."""
     from megaphi.data.tokenizer import write_char_tokenizer
 
-    path = tmp_path_factory.mktemp("char_tokenizer") / "tok"
-    write_char_tokenizer(str(path))
-    return path
+    with built_once(tmp_path_factory, "char_tokenizer") as (tmp, build):
+        if build:
+            write_char_tokenizer(str(tmp / "tok"))
+    return tmp / "tok"
 
 
 @pytest.fixture(scope="session")
 def char_mixture(char_tokenizer, tmp_path_factory):
     """:func:`sample_mixture`'s corpus tokenised with :func:`char_tokenizer`; train with
     the :func:`char_model` overrides."""
-    from megaphi.data.preprocess import preprocess
     from megaphi.data.tokenizer import load_tokenizer
 
-    tmp = tmp_path_factory.mktemp("char_data")
-    tok = load_tokenizer(str(char_tokenizer))
-    for source in ("web", "code"):
-        preprocess([str(SAMPLE / f"{source}.jsonl")], str(tmp / source), tok, workers=1)
-    path = tmp / "mix.yaml"
-    path.write_text("train:\n  web: {weight: 0.4, prefixes: [web]}\n"
-                    "  code: {weight: 0.6, prefixes: [code]}\n"
-                    "valid:\n  web: {weight: 1.0, prefixes: [web]}\n")
-    return path
+    with built_once(tmp_path_factory, "char_data") as (tmp, build):
+        if build:
+            write_mixture(tmp, load_tokenizer(str(char_tokenizer)))
+    return tmp / "mix.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +105,15 @@ def chat_mixture(tmp_path_factory):
     from megaphi.data.preprocess import preprocess
     from megaphi.data.tokenizer import Phi4Tokenizer
 
-    tmp = tmp_path_factory.mktemp("chat")
-    for split in ("train", "valid"):
-        preprocess([str(CHAT / f"faq_{split}.jsonl")], str(tmp / f"faq_{split}"),
-                   Phi4Tokenizer(), workers=1, format="chat")
-    path = tmp / "mix.yaml"
-    path.write_text("train:\n  faq: {weight: 1.0, prefixes: [faq_train]}\n"
-                    "valid:\n  faq: {weight: 1.0, prefixes: [faq_valid]}\n")
-    return path
+    with built_once(tmp_path_factory, "chat") as (tmp, build):
+        if build:
+            for split in ("train", "valid"):
+                preprocess([str(CHAT / f"faq_{split}.jsonl")], str(tmp / f"faq_{split}"),
+                           Phi4Tokenizer(), workers=1, format="chat")
+            (tmp / "mix.yaml").write_text(
+                "train:\n  faq: {weight: 1.0, prefixes: [faq_train]}\n"
+                "valid:\n  faq: {weight: 1.0, prefixes: [faq_valid]}\n")
+    return tmp / "mix.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -94,14 +122,17 @@ def tiny_pretrained(sample_mixture, tmp_path_factory):
     of post-training tests."""
     from distributed import megaphi_train
 
-    run_dir = tmp_path_factory.mktemp("pretrained") / "run"
-    proc = megaphi_train(1, f"data.mixture={sample_mixture}", f"train.run_dir={run_dir}",
-                         "train.iters=8", "model.seq_length=128", "train.micro_batch_size=4",
-                         "train.global_batch_size=4", "schedule.warmup_iters=2",
-                         "optimizer.lr=2e-3", "data.num_workers=0", "logging.tensorboard=false",
-                         "train.log_interval=4")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir
+    with built_once(tmp_path_factory, "pretrained") as (tmp, build):
+        if build:
+            proc = megaphi_train(1, f"data.mixture={sample_mixture}",
+                                 f"train.run_dir={tmp / 'run'}", "train.iters=8",
+                                 "model.seq_length=128", "train.micro_batch_size=4",
+                                 "train.global_batch_size=4", "schedule.warmup_iters=2",
+                                 "optimizer.lr=2e-3",
+                                 "data.num_workers=0", "logging.tensorboard=false",
+                                 "train.log_interval=4")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "run"
 
 
 @pytest.fixture
@@ -129,9 +160,9 @@ def cli(capsys):
 # The slowest modules (torchrun launches, training runs), slowest first. pytest-xdist's
 # --dist loadfile hands out modules in collection order, so starting these first keeps one
 # long module from running alone at the end (longest-first scheduling on two workers).
-SLOW_FIRST = ("test_recipe.py", "test_dpo.py", "test_pts_e2e.py", "test_sft_e2e.py", "test_hf_interop.py",
-              "test_midtrain.py", "test_training.py", "test_sft.py", "test_serve.py",
-              "test_dpo_parity.py",
+SLOW_FIRST = ("test_recipe.py", "test_dpo.py", "test_pts_e2e.py", "test_sft_e2e.py",
+              "test_hf_interop.py", "test_midtrain.py", "test_training.py", "test_sft.py",
+              "test_adopt.py", "test_serve.py", "test_dpo_parity.py", "test_memory.py",
               "test_parallel_equivalence.py", "test_benchmark.py", "test_generate.py",
               "test_checkpoint_fixes.py", "test_trainer_loop.py")
 
