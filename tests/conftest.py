@@ -12,9 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py helpers
 
-from megaphi.platform import quiet_megatron_warnings  # noqa: E402
+from megaphi.platform import prepare_megatron_import  # noqa: E402
 
-quiet_megatron_warnings()  # before any test module imports Megatron-Core
+prepare_megatron_import()  # before any test module imports Megatron-Core
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data" / "sample"
 CHAT = Path(__file__).resolve().parents[1] / "examples" / "data" / "chat"

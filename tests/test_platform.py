@@ -1,6 +1,11 @@
-"""Launch-environment parsing for torchrun and SLURM."""
+"""Launch-environment parsing for torchrun and SLURM, and Megatron-Core's deferred compiler."""
 
-from megaphi.platform import expand_slurm_nodelist, read_launch_env
+import subprocess
+import sys
+
+import torch
+
+from megaphi.platform import deferred_compile, expand_slurm_nodelist, read_launch_env
 
 
 def test_torchrun_environment():
@@ -33,3 +38,46 @@ def test_nodelist_expansion():
     assert expand_slurm_nodelist("gpu[01-03,07],login1") == [
         "gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_slurm_nodelist("a1,b[9-10]") == ["a1", "b9", "b10"]
+
+
+def test_deferred_compile_compiles_on_the_first_call(monkeypatch):
+    calls = []
+    real = torch.compile
+
+    def counting(fn, **kwargs):
+        calls.append(kwargs)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting)
+
+    @deferred_compile(backend="eager")
+    def gelu_ish(x):
+        return x * torch.sigmoid(1.702 * x)
+
+    assert calls == [] and gelu_ish.__name__ == "gelu_ish"
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(gelu_ish(x), x * torch.sigmoid(1.702 * x))
+    gelu_ish(x)
+    assert calls == [{"backend": "eager"}]  # once, on the first call
+
+
+def test_megatron_imports_without_the_compiler():
+    """After prepare_megatron_import(), importing Megatron-Core (its fused functions decorated
+    by jit_fuser included) loads neither torch._dynamo nor torch._inductor, and the fused
+    functions are deferred torch.compile calls."""
+    code = """
+import sys
+from megaphi.platform import deferred_compile, prepare_megatron_import
+prepare_megatron_import()
+import megatron.core
+from megatron.core.models.gpt import GPTModel
+from megatron.core import jit
+from megatron.core.fusions import fused_bias_swiglu
+assert jit.jit_fuser is deferred_compile, jit.jit_fuser
+assert getattr(fused_bias_swiglu.swiglu, "deferred_compile", False)
+print(sorted({m for m in sys.modules if m.startswith(("torch._dynamo", "torch._inductor"))}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from megaphi.platform import prepare_megatron_import
+
+    prepare_megatron_import()  # before Megatron-Core is imported: quiet, compiler deferred
     from megaphi.data.long_context import check_selection, select_long_documents
     from megaphi.data.mixture import MixtureError
     from megaphi.data.preprocess import PreprocessError

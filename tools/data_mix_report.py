@@ -9,7 +9,7 @@ import logging
 import sys
 
 from megaphi.data.mixture import MixtureError, load_mixture, mixture_report, parse_token_count
-from megaphi.platform import quiet_megatron_warnings
+from megaphi.platform import prepare_megatron_import
 
 logger = logging.getLogger("data_mix_report")
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                         help="warn when a source would be repeated more often than this")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s")
-    quiet_megatron_warnings()
+    prepare_megatron_import()
     try:
         budget = parse_token_count(args.train_tokens)
         rows = mixture_report(load_mixture(args.mixture), budget, args.split)

@@ -9,7 +9,6 @@ import argparse
 import logging
 import signal
 import sys
-import warnings
 
 PROG = "preprocess_data"
 FORMATS = ("text", "chat", "preference")  # preprocess.KINDS (not imported: fast --help)
@@ -133,8 +132,9 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    # Megatron-Core's import warns about missing GPU extras that preprocessing never uses.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+    from megaphi.platform import prepare_megatron_import
+
+    prepare_megatron_import()  # before Megatron-Core is imported: quiet, compiler deferred
 
     from megaphi.data.preprocess import PreprocessError, merge, preprocess
     from megaphi.data.tokenizer import load_tokenizer

@@ -16,9 +16,13 @@ import signal
 import sys
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
-from megaphi.train import main
+from megaphi.platform import prepare_megatron_import
+
+prepare_megatron_import()
+from megatron.core import dist_checkpointing  # noqa: E402
+
+from megaphi.train import main  # noqa: E402
 
 
 
