@@ -172,3 +172,26 @@ def test_a_dataset_of_another_tokenizer_is_refused_before_the_runtime(tmp_path, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"megaphi-train: error: {tmp_path / 'chars'}: tokenised with hf:" in proc.stderr
     assert "phase pretrain; model:" not in proc.stderr
+
+
+def test_an_empty_dataset_is_refused_before_the_runtime(tmp_path):
+    """A dataset preprocessed from an empty input (for example a PTS run that found no pairs)
+    is one error line naming it, not Megatron's mmap traceback after the model is built."""
+    from megaphi.data.datasets import check_datasets_tokenizer
+    from megaphi.data.preprocess import PreprocessError, preprocess
+    from megaphi.data.tokenizer import Phi4Tokenizer
+
+    (tmp_path / "empty.jsonl").write_text("")
+    for name, fmt in (("text", "text"), ("pairs", "preference")):
+        preprocess([str(tmp_path / "empty.jsonl")], str(tmp_path / name), Phi4Tokenizer(),
+                   workers=1, format=fmt)
+    proc = megaphi_train(1, f"data.mixture={mixture(tmp_path, 'text')}",
+                         f"train.run_dir={tmp_path / 'run'}", *TRAIN)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"megaphi-train: error: {tmp_path / 'text'}: holds no documents (its inputs "
+        f"{tmp_path / 'empty.jsonl'} gave none); remove it from data.mixture or preprocess data "
+        "that has documents")
+    assert "phase pretrain; model:" not in proc.stderr
+    with pytest.raises(PreprocessError, match="pairs: holds no pairs"):
+        check_datasets_tokenizer([str(tmp_path / "pairs")], Phi4Tokenizer(), 100352)

@@ -29,9 +29,10 @@ class _DatasetTokenizer:
 
 
 def check_datasets_tokenizer(prefixes: Sequence[str], tokenizer, model_vocab_size: int) -> None:
-    """Refuse datasets that are incomplete, tokenised differently from ``tokenizer`` or beyond
-    the model's vocabulary (:class:`PreprocessError`, naming the prefix and the fix)."""
-    from megaphi.data.preprocess import PreprocessError, check_complete, read_meta
+    """Refuse datasets that are incomplete, empty, tokenised differently from ``tokenizer`` or
+    beyond the model's vocabulary (:class:`PreprocessError`, naming the prefix and the fix)."""
+    from megaphi.data.preprocess import (DOCUMENT_NOUNS, PreprocessError, check_complete,
+                                         read_meta)
     from megaphi.data.tokenizer import check_tokenizer_fits_model
 
     try:
@@ -41,6 +42,11 @@ def check_datasets_tokenizer(prefixes: Sequence[str], tokenizer, model_vocab_siz
     for prefix in prefixes:
         meta = read_meta(prefix)
         check_complete(prefix, meta)
+        if meta["documents"] == 0:
+            noun = DOCUMENT_NOUNS.get(meta.get("kind"), "documents")
+            raise PreprocessError(
+                f"{prefix}: holds no {noun} (its inputs {', '.join(meta['inputs'])} gave "
+                f"none); remove it from data.mixture or preprocess data that has {noun}")
         recorded = meta["tokenizer"]
         if recorded["fingerprint"] != tokenizer.fingerprint:
             raise PreprocessError(

@@ -90,7 +90,7 @@ _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "
 PathLike = Union[str, os.PathLike]
 
 
-_DOCUMENT_NOUNS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
+DOCUMENT_NOUNS = {"text": "documents", "chat": "conversations", "preference": "pairs"}
 
 
 class PreprocessError(ValueError):
@@ -121,7 +121,7 @@ class PreprocessResult:
     def summary(self) -> str:
         """One line for a person: documents, tokens, bytes, seconds and rates."""
         secs = max(self.seconds, 1e-9)
-        noun = _DOCUMENT_NOUNS.get(self.kind, "documents")
+        noun = DOCUMENT_NOUNS.get(self.kind, "documents")
         counts = "".join(f" ({value:,} {name.replace('_', ' ')})"
                          for name, value in self.counts.items() if name != noun)
         line = (f"{self.documents:,} {noun}, {self.tokens:,} tokens{counts}, "
