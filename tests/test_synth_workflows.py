@@ -22,7 +22,9 @@ VOTES = {"easy": ["4"] * 8,                      # unanimous: dropped
          "hard": ["1", "2", "3", "4", "1", "2", "3", "4"],  # no majority: dropped
          "tie": ["5"] * 4 + ["6"] * 4,            # 4 of 8 is not more than half: dropped
          "good": ["7"] * 5 + ["8"] * 3,           # majority 7 (5 of 8): kept
-         "words": ["x = 9.", "9", "$9$", "9", "9", "10", "none", "9"]}  # 9 by 6: kept
+         "words": ["x = 9.", "9", "$9$", "9", "9", "10", "none", "9"],  # 9 by 6: kept
+         # as strings a 3-3-2 split (dropped); as math (math-verify) 1/2 by 5 of 8: kept
+         "forms": ["\\frac{1}{2}"] * 3 + ["0.5", "3", "3", "0.5", "3"]}
 
 
 def responder(messages, body, k):
@@ -74,9 +76,11 @@ def test_plurality_vote_keeps_majorities_only(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (summary["items"], summary["kept"], summary["dropped"], summary["failed"]) == (
-        5, 2, 3, 0)
+        6, 3, 3, 0)
     got = {r["id"]: r for r in lines(tmp_path / "out.jsonl")}
-    assert set(got) == {"good", "words"}
+    assert set(got) == {"good", "words", "forms"}
+    assert got["forms"]["answer"] == "\\frac{1}{2}" and got["forms"]["agreement"] == 5 / 8
+    assert got["forms"]["votes"] == {"\\frac{1}{2}": 3, "0.5": 2, "3": 3}
     assert got["good"]["answer"] == "7" and got["good"]["agreement"] == 5 / 8
     assert got["words"]["answer"] == "9" and got["words"]["votes"] == {"9": 6, "10": 1}
     assert got["good"]["type"] == "math" and got["good"]["question"] == "PROBLEM good"
@@ -90,8 +94,8 @@ def test_plurality_vote_keeps_majorities_only(server, tmp_path):
     # the output is a questions file of Pivotal Token Search
     from megaphi.pts.run import load_questions
 
-    assert sorted(q["id"] for q in load_questions(str(tmp_path / "out.jsonl"))) == ["good",
-                                                                              "words"]
+    assert sorted(q["id"] for q in load_questions(str(tmp_path / "out.jsonl"))) == [
+        "forms", "good", "words"]
 
 
 def test_judge_pairs_respect_the_gap_and_preprocess(server, tmp_path, cli):
@@ -184,11 +188,17 @@ def test_bad_input_is_one_error_before_any_request(server, tmp_path):
     write(tmp_path / "q.jsonl", [{"id": 1, "question": "PROBLEM good"}])
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "question": "x"}\n{"id": 2, "quest\n')
     write(tmp_path / "noq.jsonl", [{"id": 1, "question": "x"}, {"id": 2, "text": "y"}])
+    (tmp_path / "eq.yaml").write_text(
+        (SYNTH / "plurality_vote.yaml").read_text().replace(
+            "plurality_vote_answer.txt", str(SYNTH / "plurality_vote_answer.txt"))
+        + "  equivalence: sympy\n")
     before = server.requests
     cases = [(("plurality_vote.yaml", tmp_path / "bad.jsonl"), r"bad\.jsonl:2: not JSON"),
              (("plurality_vote.yaml", tmp_path / "noq.jsonl"),
               r"noq\.jsonl:2: template plurality_vote_answer needs \{question\}"),
-             (("nope.yaml", tmp_path / "q.jsonl"), r"nope\.yaml: No such file")]
+             (("nope.yaml", tmp_path / "q.jsonl"), r"nope\.yaml: No such file"),
+             ((tmp_path / "eq.yaml", tmp_path / "q.jsonl"),
+              r"eq\.yaml: settings\.equivalence must be math or string, got 'sympy'")]
     for (workflow, inp), message in cases:
         proc = synth(server, workflow, inp, tmp_path / "out.jsonl")
         assert proc.returncode == 2, proc.stderr[-3000:]

@@ -127,6 +127,10 @@ class WorkflowSpec:
         if unknown:
             raise SynthError(f"{path}: settings.{sorted(unknown)[0]} is not a setting of "
                              f"{kind} ({', '.join(sorted(logic.defaults))})")
+        try:
+            logic.check_settings(settings)
+        except SynthError as exc:
+            raise SynthError(f"{path}: {exc}") from None
         return cls(p, raw.get("name") or p.stem, kind, templates, sampling, settings)
 
 

@@ -7,11 +7,14 @@ item produces (none when the item is filtered out).
 - ``plurality_vote`` (question curation, report §2): ``samples`` answers per question; the
   final answer of each (the last ``\\boxed{...}``, else the text after the last "answer is" or
   "Answer:") normalised (spaces, a trailing period, ``$``, case and a leading ``x =`` removed)
-  and counted as a string.
+  and counted; with ``equivalence: math`` (the default) distinct answers that math-verify
+  finds equal (``\\frac{1}{2}`` and ``0.5``) are one vote group, named by its most common
+  form (``equivalence: string`` counts the normalised strings only).
   A question whose answers all agree is too easy and one whose most common answer has no more
   than ``min_agreement`` of the votes is too hard: both are dropped. The others keep the
   majority answer as pseudo ground truth, written as a Pivotal Token Search question
-  (``{"id", "question", "type": "math", "answer", "votes", "agreement"}``).
+  (``{"id", "question", "type": "math", "answer", "votes", "agreement"}``; ``votes`` counts
+  each normalised form).
 - ``judge_pairs`` (DPO round 2, report §4.3): ``responses`` answers per prompt from the
   policy, each scored by the judge with the rubric of the ``judge`` template, which must end
   with a line ``Score: N`` (0 to ``score_max``); the best and the worst answers make a pair when
@@ -63,6 +66,10 @@ class Kind:
     def __init__(self, settings: Dict[str, Any]):
         self.settings = settings
 
+    @classmethod
+    def check_settings(cls, settings: Dict[str, Any]) -> None:
+        """Refuse a setting's value (:class:`SynthError`); the names are checked already."""
+
     def check_input(self, record: dict, spec) -> None:
         for step in self.steps:
             missing = spec.templates[step].fields - set(record) - self.given.get(step, set())
@@ -96,18 +103,52 @@ def final_answer(text: str) -> Optional[str]:
     return (assigned.group(1) if assigned else answer) or None
 
 
+def group_answers(votes: Counter, equal) -> List[tuple]:
+    """Vote groups ``[(answer, count)]``, most votes first: each distinct answer joins the
+    first group whose answer ``equal`` says it equals (groups are named by their most common
+    form, ties by the smallest string)."""
+    groups: List[list] = []
+    for answer, count in sorted(votes.items(), key=lambda kv: (-kv[1], kv[0])):
+        for group in groups:
+            if equal(answer, group[0]):
+                group[1] += count
+                break
+        else:
+            groups.append([answer, count])
+    return sorted(((a, c) for a, c in groups), key=lambda g: (-g[1], g[0]))
+
+
+def _math_equal(answer: str, gold: str) -> bool:
+    from megaphi.oracles import math_equal
+
+    return math_equal(answer, gold).correct
+
+
 class PluralityVote(Kind):
     steps = ("answer",)
-    defaults = {"samples": 8, "min_agreement": 0.5}
+    defaults = {"samples": 8, "min_agreement": 0.5, "equivalence": "math"}
+
+    @classmethod
+    def check_settings(cls, settings: Dict[str, Any]) -> None:
+        if settings["equivalence"] not in ("math", "string"):
+            raise SynthError(f"settings.equivalence must be math or string, got "
+                             f"{settings['equivalence']!r}")
 
     async def run(self, ctx, record: dict) -> List[dict]:
+        import asyncio
+
         n = int(self.settings["samples"])
         reply = await ctx.ask("answer", record, n=n)
         answers = [final_answer(t) for t in reply.texts]
         votes = Counter(a for a in answers if a is not None)
         if not votes:
             return []
-        answer, top = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+        if self.settings["equivalence"] == "math" and len(votes) > 1:
+            # math-verify runs in worker processes; keep the event loop free meanwhile
+            groups = await asyncio.to_thread(group_answers, votes, _math_equal)
+        else:
+            groups = group_answers(votes, str.__eq__)
+        answer, top = groups[0]
         agreement = top / n
         if top == n or agreement <= float(self.settings["min_agreement"]):
             return []  # unanimous: too easy; no majority: too hard
