@@ -26,8 +26,9 @@ def echo(messages: List[Dict[str, str]], body: dict, k: int) -> str:
 
 class ScriptedLLM:
     def __init__(self, responder: Callable[[list, dict, int], str] = echo, latency_s: float = 0.0,
-                 slow_s: float = 5.0):
+                 slow_s: float = 5.0, model: str = MODEL):
         self.responder, self.latency_s, self.slow_s = responder, latency_s, slow_s
+        self.model = model
         self.faults: Dict[str, List[str]] = {}
         self.requests = 0
         self.by_message: Counter = Counter()
@@ -45,7 +46,7 @@ class ScriptedLLM:
 
         @app.get("/v1/models")
         def models():
-            return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+            return {"object": "list", "data": [{"id": self.model, "object": "model"}]}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
@@ -80,7 +81,7 @@ class ScriptedLLM:
                 if fault == "empty":
                     texts = [None] * n
                 return {"id": f"cmpl-{self.requests}", "object": "chat.completion",
-                        "created": int(time.time()), "model": MODEL,
+                        "created": int(time.time()), "model": self.model,
                         "choices": [{"index": k, "finish_reason": "stop",
                                      "message": {"role": "assistant", "content": t}}
                                     for k, t in enumerate(texts)],

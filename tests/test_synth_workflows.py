@@ -115,6 +115,30 @@ def test_judge_pairs_respect_the_gap_and_preprocess(server, tmp_path, cli):
     assert json.loads((tmp_path / "pairs.meta.json").read_text())["full_pairs"] == 1
 
 
+def test_the_judge_step_can_go_to_another_endpoint_and_model(server, tmp_path):
+    """Phi-4's DPO round 2: the policy answers, another model (GPT-4o there) judges. Here a
+    second scripted server serving "judge" gets every judge request and the policy's none."""
+    write(tmp_path / "p.jsonl", [{"id": "wide", "prompt": "PROMPT wide"}])
+    with ScriptedLLM(responder, model="judge") as judge:
+        before = server.requests
+        proc = synth(server, "judge_pairs.yaml", tmp_path / "p.jsonl", tmp_path / "pairs.jsonl",
+                     "--step-endpoint", f"judge={judge.url}", "--step-model", "judge=judge")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (server.requests - before, judge.requests) == (1, 4)
+        bad = synth(server, "judge_pairs.yaml", tmp_path / "p.jsonl", tmp_path / "o.jsonl",
+                    "--step-model", "grade=judge")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "megaphi-synth: error: --step-model 'grade=judge': this workflow's steps are respond, "
+        "judge")
+    (pair,) = lines(tmp_path / "pairs.jsonl")
+    assert pair["chosen"] == "answer 1 of quality 9" and pair["gap"] == 7.0
+    models = [(r["step"], r["model"]) for r in pair["provenance"]["requests"]]
+    assert models == [("respond", MODEL)] + [("judge", "judge")] * 4
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["requests"] == 5  # both endpoints' requests
+
+
 def test_failures_are_recorded_counted_and_retried_by_the_next_run(server, tmp_path):
     write(tmp_path / "q.jsonl", [{"id": f"g{i}", "question": f"PROBLEM good {i}"}
                                  for i in range(4)])

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 PROG = "megaphi-synth"
 
@@ -25,14 +25,19 @@ request is cached in SQLite (--cache, keyed by model, sampling and messages): a 
 request it has made before (--no-cache or a new --seed bypasses it). The output is append-only
 and resumable: rerun the same command after a kill. Every record carries its provenance
 (workflow, step, model, parameters, template name and hash, raw output, token counts,
-attempts). The API key is read from --api-key-env and never logged or stored."""
+attempts). The API key is read from --api-key-env and never logged or stored.
+
+A step can go to another endpoint or model than the rest (--step-endpoint, --step-model,
+--step-api-key-env STEP=...): in Phi-4's DPO round 2 the policy writes the responses and
+GPT-4o judges them."""
 
 EPILOG = """\
 examples:
   megaphi-synth run examples/synth/plurality_vote.yaml --input questions.jsonl \\
       --output curated.jsonl --endpoint http://127.0.0.1:8000/v1 --model phi4
   megaphi-synth run examples/synth/judge_pairs.yaml --input prompts.jsonl \\
-      --output pairs.jsonl --endpoint $URL --model $MODEL --concurrency 64
+      --output pairs.jsonl --endpoint $URL --model $MODEL --concurrency 64 \\
+      --step-endpoint judge=https://api.openai.com/v1 --step-model judge=gpt-4o
 then: python tools/preprocess_data.py --format preference --input pairs.jsonl ...
 
 sharding (a SLURM array): --shard-index/--num-shards default to SLURM_ARRAY_TASK_ID and
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", metavar="NAME", help="the model the endpoint serves")
     run.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                      help="environment variable holding the API key (default OPENAI_API_KEY)")
+    for flag, what in (("endpoint", "URL"), ("model", "NAME"), ("api-key-env", "VAR")):
+        run.add_argument(f"--step-{flag}", action="append", default=[], metavar=f"STEP={what}",
+                         help=f"the --{flag} of one step of the workflow (repeatable)")
     run.add_argument("--concurrency", type=int, default=16)
     run.add_argument("--max-retries", type=int, default=5)
     run.add_argument("--timeout", type=float, default=300.0, help="seconds per attempt")
@@ -80,6 +88,24 @@ def shard_output(output: str, index: int, count: int) -> str:
         return output
     path = Path(output)
     return str(path.with_name(f"{path.stem}.shard-{index}-of-{count}{path.suffix}"))
+
+
+def step_overrides(args, steps) -> Dict[str, Dict[str, str]]:
+    """``{step: {"endpoint"|"model"|"api_key_env": value}}`` from the --step-* flags."""
+    from megaphi.synth.client import SynthError
+
+    out: Dict[str, Dict[str, str]] = {}
+    for flag in ("endpoint", "model", "api_key_env"):
+        for item in getattr(args, f"step_{flag}"):
+            step, sep, value = item.partition("=")
+            name = f"--step-{flag.replace('_', '-')}"
+            if not sep or not value:
+                raise SynthError(f"{name} {item!r}: give STEP=VALUE")
+            if step not in steps:
+                raise SynthError(f"{name} {item!r}: this workflow's steps are "
+                                 f"{', '.join(steps) or 'none'}")
+            out.setdefault(step, {})[flag] = value
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -115,19 +141,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         client = ChatClient(args.endpoint or "http://127.0.0.1/v1", args.model or "none",
                             args.api_key_env, args.concurrency, args.max_retries, args.timeout,
                             client_cache)  # a kind without steps never calls it
+        step_clients = {
+            step: ChatClient(o.get("endpoint", args.endpoint), o.get("model", args.model),
+                             o.get("api_key_env", args.api_key_env), args.concurrency,
+                             args.max_retries, args.timeout, client_cache)
+            for step, o in step_overrides(args, KINDS[spec.kind].steps).items()}
     except (SynthError, OSError) as exc:
         return fail(str(exc))
     log.info("%s (%s): %d items from %s, shard %d of %d -> %s; %s, model %s, concurrency %d",
              spec.name, spec.kind, len(inputs), args.input, args.shard_index, args.num_shards,
              output, args.endpoint, args.model, args.concurrency)
+    for step, c in step_clients.items():
+        log.info("step %s: %s, model %s", step, c.endpoint, c.model)
 
     async def go():
         try:
             return await run_workflow(spec, inputs, client, output, seed=args.seed,
                                       progress=not args.no_progress,
-                                      shard=(args.shard_index, args.num_shards))
+                                      shard=(args.shard_index, args.num_shards),
+                                      step_clients=step_clients)
         finally:
-            await client.close()
+            for c in (client, *step_clients.values()):
+                await c.close()
 
     try:
         summary = asyncio.run(go())

@@ -142,6 +142,8 @@ class ItemContext:
     client: ChatClient
     seed: Optional[int]
     provenance: List[dict] = field(default_factory=list)
+    step_clients: Dict[str, ChatClient] = field(default_factory=dict)
+    """The steps sent elsewhere than ``client`` (another endpoint or model)."""
 
     async def ask(self, step: str, values: Dict[str, Any], n: Optional[int] = None,
                   system: Optional[str] = None) -> Reply:
@@ -155,9 +157,10 @@ class ItemContext:
                                       and sampling.seed is None else {})})
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": template.render(**values)}]
-        reply = await self.client.chat(messages, sampling)
+        client = self.step_clients.get(step, self.client)
+        reply = await client.chat(messages, sampling)
         self.provenance.append({
-            "step": step, "model": self.client.model, "sampling": sampling.to_dict(),
+            "step": step, "model": client.model, "sampling": sampling.to_dict(),
             "template": template.name, "template_sha256": template.sha256,
             "output": reply.texts, "usage": reply.usage, "attempts": reply.attempts,
             "cached": reply.cached, **({"error": reply.error} if not reply.ok else {})})
@@ -188,8 +191,10 @@ def load_inputs(path: str) -> List[dict]:
 
 async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClient,
                        output: str, seed: Optional[int] = None, progress: bool = True,
-                       shard: tuple = (0, 1)) -> dict:
-    """Run ``spec`` over ``inputs`` (those of this shard); returns the run's summary."""
+                       shard: tuple = (0, 1),
+                       step_clients: Optional[Dict[str, ChatClient]] = None) -> dict:
+    """Run ``spec`` over ``inputs`` (those of this shard) with ``client``, or the client
+    ``step_clients`` names for a step; returns the run's summary (requests of all clients)."""
     from tqdm import tqdm
 
     from megaphi.data.jsonl import ResumableOutput
@@ -205,8 +210,12 @@ async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClien
             run_python("pass")
         except SandboxUnavailable as exc:
             raise SynthError(str(exc)) from None
+    step_clients = step_clients or {}
+    used = [client] if set(logic.steps) - set(step_clients) else []
+    used += [c for c in step_clients.values() if all(c is not u for u in used)]
     if logic.steps:
-        await client.check()
+        for c in used:  # every endpoint answers and serves its model, before any request
+            await c.check()
     index, count = shard
     mine = [r for i, r in enumerate(inputs) if i % count == index]
     out = ResumableOutput(output, "input_id")
@@ -219,7 +228,7 @@ async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClien
                disable=not progress, dynamic_ncols=True)
 
     async def one(record: dict) -> None:
-        ctx = ItemContext(spec, client, seed)
+        ctx = ItemContext(spec, client, seed, step_clients=step_clients)
         try:
             produced = await logic.run(ctx, {k: v for k, v in record.items() if k != "_where"})
         except ItemFailed as exc:
@@ -241,7 +250,8 @@ async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClien
             out.write(record["id"], lines, {"records": len(lines)})
         bar.update(1)
         elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{client.stats.requests / elapsed:.1f} req/s, "
+        requests = sum(c.stats.requests for c in used)
+        bar.set_postfix_str(f"{requests / elapsed:.1f} req/s, "
                             f"{counts['failed']} failed", refresh=False)
 
     window = 4 * client.concurrency  # items in progress at once
@@ -258,10 +268,11 @@ async def run_workflow(spec: WorkflowSpec, inputs: List[dict], client: ChatClien
                 task.result()
     finally:
         bar.close()
-    stats = client.stats
-    return {**counts, "requests": stats.requests, "retries": stats.retries,
-            "cache_hits": stats.cache_hits, "max_in_flight": stats.max_in_flight,
-            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+    stats = [c.stats for c in used] or [client.stats]
+    total = {key: sum(getattr(st, key) for st in stats)
+             for key in ("requests", "retries", "cache_hits", "prompt_tokens",
+                         "completion_tokens")}
+    return {**counts, **total, "max_in_flight": max(st.max_in_flight for st in stats),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
