@@ -80,7 +80,7 @@ class MemoryEstimate:
 
     def report(self, device_gb: Optional[float] = None, device_name: str = "") -> str:
         p = self.peak
-        gib = lambda n: f"{n / GIB:,.2f} GiB"  # noqa: E731
+        gib = gib_text
         lines = [
             f"# memory per GPU (the most loaded pipeline stage: {p.stage} of "
             f"{len(self.stages)}; dp={self.dp}, {self.microbatches} micro-batches per step)",
@@ -109,6 +109,10 @@ class MemoryEstimate:
                     "parallel.tp/pp/cp, lower train.micro_batch_size, or set "
                     "train.recompute=full")
         return "\n".join(lines)
+
+
+def gib_text(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB"
 
 
 def stage_of_layers(num_layers: int, pp: int, vpp: Optional[int]) -> List[int]:
@@ -227,6 +231,9 @@ def estimate_memory(cfg, world_size: Optional[int] = None,
     notes = [
         "activations assume TE's flash attention (no s x s scores); the CUDA context, NCCL "
         "buffers and allocator fragmentation are not included",
+        "the optimizer step assumes a fused Adam (Transformer Engine's or Apex's, as on a GPU "
+        "install); without them PyTorch's foreach AdamW briefly adds ~4 bytes per parameter of "
+        f"this rank's optimizer shard ({gib_text(4 * max(params.values()) / shard)} here)",
     ]
     if cfg.phase.name == "dpo":
         notes.append("DPO rows pack each pair's chosen and rejected side by side: a micro-batch "
