@@ -135,6 +135,20 @@ def tiny_pretrained(sample_mixture, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained, chat_mixture, tmp_path_factory):
+    """:func:`tiny_pretrained` after 6 SFT steps on the chat sample at TP=2 (2 processes;
+    ``distributed.TINY_SFT``): test_sft_e2e's uninterrupted run and DPO's starting point."""
+    from distributed import TINY_SFT, megaphi_train
+
+    with built_once(tmp_path_factory, "sft") as (tmp, build):
+        if build:
+            proc = megaphi_train(2, *TINY_SFT, f"checkpoint.load={tiny_pretrained}",
+                                 f"data.mixture={chat_mixture}", f"train.run_dir={tmp / 'run'}")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "run"
+
+
 @pytest.fixture
 def cli(capsys):
     """tools/preprocess_data.py's main() in this process: (exit status, stdout, stderr)."""

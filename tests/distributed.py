@@ -13,6 +13,14 @@ from megaphi.platform import free_port
 WORKERS = Path(__file__).parent / "workers"
 ROOT = Path(__file__).resolve().parents[1]
 
+TINY_SFT = ["phase.name=sft", "model.seq_length=256", "train.micro_batch_size=2",
+            "train.global_batch_size=2", "train.iters=6", "train.log_interval=1",
+            "schedule.warmup_iters=1", "optimizer.lr=1e-3", "data.num_workers=0",
+            "logging.tensorboard=false", "checkpoint.keep_last=1", "parallel.tp=2",
+            "train.eval_interval=2", "train.eval_iters=2"]
+"""The ``tiny_sft`` fixture's run (conftest.py): 6 SFT steps from ``tiny_pretrained`` on the
+chat sample at TP=2, validated every 2 steps."""
+
 
 def worker_env(**extra) -> dict:
     """The environment of launched processes: one thread per process on a small CI machine."""

@@ -6,27 +6,20 @@ import json
 
 import pytest
 
-from distributed import eval_json, logged_losses, megaphi_train
+from distributed import TINY_SFT, eval_json, logged_losses, megaphi_train
 
 
 # ---------------------------------------------------------------------------------------------
 # End to end: pre-train, then SFT on the chat sample
 
 
-SFT = ["phase.name=sft", "model.seq_length=256", "train.micro_batch_size=2",
-       "train.global_batch_size=2", "train.iters=6", "train.log_interval=1",
-       "schedule.warmup_iters=1", "optimizer.lr=1e-3", "data.num_workers=0",
-       "logging.tensorboard=false", "checkpoint.keep_last=1", "parallel.tp=2",
-       "train.eval_interval=2", "train.eval_iters=2"]
+SFT = TINY_SFT
 
 
 @pytest.fixture(scope="module")
-def sft_straight(tiny_pretrained, chat_mixture, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sft") / "run"
-    proc = megaphi_train(2, *SFT, f"checkpoint.load={tiny_pretrained}",
-                         f"data.mixture={chat_mixture}", f"train.run_dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return run_dir
+def sft_straight(tiny_sft):
+    """The uninterrupted run (the session's ``tiny_sft``, shared with the DPO tests)."""
+    return tiny_sft
 
 
 def test_sft_lowers_the_validation_loss_on_assistant_tokens(sft_straight):
