@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -48,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def dry_run_report(cfg: MegaphiConfig, world_size: Optional[int] = None,
                    gpu_memory_gb: Optional[float] = None) -> str:
     """The text ``--dry-run`` prints: resolved config, parameter counts, per-token FLOPs and
-    the per-GPU memory estimate (:mod:`megaphi.model.memory`)."""
-    import os
-
+    the per-GPU memory estimate (:mod:`megaphi.model.memory`) on ``world_size`` GPUs (one
+    replica when None)."""
     import torch
 
     from megaphi.model.arithmetic import flops_per_token
@@ -73,13 +73,11 @@ def dry_run_report(cfg: MegaphiConfig, world_size: Optional[int] = None,
         f"data-parallel size = world size / {p.model_parallel_size}",
         "",
     ]
-    env = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
-    world = world_size or (int(env) if env else None)
     device_name = ""
     if gpu_memory_gb is None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         gpu_memory_gb, device_name = props.total_memory / (1 << 30), props.name
-    estimate = estimate_memory(cfg, world, static_parameters(cfg, model))
+    estimate = estimate_memory(cfg, world_size, static_parameters(cfg, model))
     lines.append(estimate.report(gpu_memory_gb, device_name))
     if gpu_memory_gb is None:
         lines.append("(pass --gpu-memory-gb, e.g. 80 for an H100, to check that it fits)")
@@ -97,11 +95,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"megaphi-train: error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:
-        try:
-            print(dry_run_report(cfg, args.world_size, args.gpu_memory_gb))
+        from megaphi.model.memory import data_parallel_size
+
+        env = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS")
+        try:  # before the model is built
+            world = args.world_size or (int(env) if env else None)
+            data_parallel_size(cfg.parallel, world)
         except ValueError as exc:
             print(f"megaphi-train: error: --world-size: {exc}", file=sys.stderr)
             return 2
+        print(dry_run_report(cfg, world, args.gpu_memory_gb))
         return 0
     from megaphi.phases.run import main_errors, run_training
 

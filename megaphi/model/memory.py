@@ -1,7 +1,7 @@
 """Per-GPU memory of a training layout, before the job is queued (``megaphi-train --dry-run``).
 
 Static memory is counted from the model the config defines: the whole ``GPTModel`` is built on
-the meta device (as :func:`megaphi.model.builder.count_parameters` does), every parameter is
+the meta device (:func:`megaphi.model.builder.build_meta_model`, as for the parameter count), every parameter is
 assigned to the pipeline stage that holds it (Megatron-Core's layer assignment, interleaved
 included) and divided by TP when Megatron marks it tensor-parallel. Per rank:
 
@@ -196,16 +196,22 @@ def in_flight(cfg, stage: int, microbatches: int) -> float:
     return float(min(p.pp - stage, microbatches))
 
 
+def data_parallel_size(parallel, world_size: Optional[int]) -> int:
+    """``world_size / (tp * pp * cp)``, 1 when ``world_size`` is None (one replica);
+    :class:`ValueError` when it does not divide."""
+    world = world_size or parallel.model_parallel_size
+    if world % parallel.model_parallel_size:
+        raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = "
+                         f"{parallel.model_parallel_size}")
+    return world // parallel.model_parallel_size
+
+
 def estimate_memory(cfg, world_size: Optional[int] = None,
                     params: Optional[Dict[int, int]] = None) -> MemoryEstimate:
     """The per-GPU memory of every pipeline stage of ``cfg`` on ``world_size`` GPUs (default:
     one data-parallel replica)."""
     p = cfg.parallel
-    world = world_size or p.model_parallel_size
-    if world % p.model_parallel_size:
-        raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = "
-                         f"{p.model_parallel_size}")
-    dp = world // p.model_parallel_size
+    dp = data_parallel_size(p, world_size)
     micro = cfg.train.micro_batch_size
     microbatches = max(1, cfg.train.global_batch_size // (micro * dp))
     params = params if params is not None else static_parameters(cfg)
@@ -242,5 +248,5 @@ def estimate_memory(cfg, world_size: Optional[int] = None,
     return MemoryEstimate(stages, dp, microbatches, per_layer, layers, notes)
 
 
-__all__ = ["estimate_memory", "MemoryEstimate", "StageMemory", "static_parameters",
+__all__ = ["estimate_memory", "data_parallel_size", "MemoryEstimate", "StageMemory", "static_parameters",
            "layer_activation_bytes", "output_activation_bytes", "stage_of_layers", "in_flight"]

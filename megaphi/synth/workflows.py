@@ -115,7 +115,7 @@ def group_answers(votes: Counter, equal) -> List[tuple]:
                 break
         else:
             groups.append([answer, count])
-    return sorted(((a, c) for a, c in groups), key=lambda g: (-g[1], g[0]))
+    return sorted(map(tuple, groups), key=lambda g: (-g[1], g[0]))
 
 
 def _math_equal(answer: str, gold: str) -> bool:

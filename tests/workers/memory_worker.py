@@ -63,12 +63,10 @@ def main():
     args = parser.parse_args()
     configure_logging("WARNING")
 
-    results = {}
-    for dtype in ("fp32", "bf16"):
-        cfg = load_config("tiny", overrides=[*args.overrides, f"precision.dtype={dtype}"])
-        if not results:
-            rt = init_runtime(cfg.parallel, seed=1)
-        results[dtype] = measure(cfg)
+    rt = init_runtime(load_config("tiny", overrides=args.overrides).parallel, seed=1)
+    results = {dtype: measure(load_config("tiny", overrides=[*args.overrides,
+                                                             f"precision.dtype={dtype}"]))
+               for dtype in ("fp32", "bf16")}
     if rt.is_main:
         torch.save(results, args.out)
     shutdown_runtime()
